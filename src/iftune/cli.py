@@ -1,0 +1,63 @@
+"""The `iftune` command: one subcommand per module, imported only when it is used.
+
+Each entry point is `main(argv: list[str]) -> int`. A user mistake raises `UserError`;
+it is printed as one line (no traceback) and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from iftune.errors import UserError
+
+# subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "ift": ("iftune.train", "main_ift", "train with Intuitive Fine-Tuning (IFTTrainer)"),
+    "sft": ("iftune.train", "main_sft", "train with TRL's SFTTrainer"),
+    "dpo": ("iftune.train", "main_dpo", "train with TRL's DPOTrainer"),
+    "orpo": ("iftune.train", "main_orpo", "train with TRL's ORPO trainer"),
+    "demo": ("iftune.demo", "main", "offline IFT vs SFT study on a tiny model (the default)"),
+    "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
+    "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
+    "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
+    "bench": ("iftune.benchmarks.trainers", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
+    "selfcheck": ("iftune.selfcheck", "main", "one-line numerical check of the IFT objective"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: iftune <command> [options]   (iftune <command> --help for its options)", ""]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "With no command, `iftune` runs the demo."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if not argv:
+        name = "demo"
+        print("iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
+              "train your own model with `iftune ift --model_name_or_path M --dataset_name D`.")
+    else:
+        name, argv = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"iftune: unknown command '{name}'; expected one of: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        entry = getattr(importlib.import_module(module), func)
+        return int(entry(argv) or 0)
+    except UserError as err:
+        print(f"iftune {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
