@@ -2,7 +2,8 @@
 is ever built. Pure torch: works with any module that maps hidden states to logits.
 
 `head` is the model's output embedding module (it is called, so a bias, a LoRA adapter on the
-head, or tied weights all apply). `softcap` reproduces models that cap their final logits.
+head, or tied weights all apply). `scale` and `softcap` reproduce models that rescale or cap
+their final logits (see `logit_transform`). Hidden states may have any leading shape.
 """
 
 from __future__ import annotations
@@ -19,8 +20,26 @@ def chunk_positions(vocab_size: int, chunk_elements: int = _CHUNK_ELEMENTS) -> i
     return max(1, chunk_elements // max(1, vocab_size))
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def logit_transform(config: object) -> tuple[float, float | None]:
+    """(scale, softcap) that a model applies to its LM head's output, read from its config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = scale if scale is not None else getattr(config, name, None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = 1.0 / config.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision logits, the logits' own dtype when wider (float64 tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     logits = head(hidden)
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -41,35 +60,37 @@ def intuition_from_hidden(
     k: int = 1,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's choice of next token at every position, and the teacher-forced log-prob of
-    `targets` (the next tokens; any id where -100), from (B, T, H) hidden states.
+    `targets` (the next tokens; any id where -100), from (..., H) hidden states.
 
-    Returns `(predictions (B, T) long, target_logp (B, T) float32)`.
+    Returns `(predictions (...) long, target_logp (...))`, log-probs in float32 or wider.
     """
-    b, t, h = hidden.shape
-    flat, tgt = hidden.reshape(b * t, h), targets.reshape(b * t).clamp_min(0)
-    preds = torch.empty(b * t, dtype=torch.long, device=hidden.device)
-    logp = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
-    for sl in _chunks(b * t, chunk_size or chunk_positions(_out_features(head))):
-        logits = _logits(head, flat[sl], softcap)
+    shape, n = targets.shape, targets.numel()
+    flat, tgt = hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)
+    preds = torch.empty(n, dtype=torch.long, device=hidden.device)
+    logp = torch.empty(n, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    for sl in _chunks(n, chunk_size or chunk_positions(_out_features(head))):
+        logits = _logits(head, flat[sl], scale, softcap)
         if intuition == "greedy" or (intuition == "rank" and k == 1):
             preds[sl] = logits.argmax(-1)
         elif intuition == "rank":
             preds[sl] = logits.topk(k, dim=-1).indices[:, -1]
         else:  # sample
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
             preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1).float() - lse
-    return preds.view(b, t), logp.view(b, t)
+        logits = logits.to(logp.dtype)
+        logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return preds.view(shape), logp.view(shape)
 
 
 def _token_logp(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
-                softcap: float | None) -> torch.Tensor:
-    logits = _logits(head, hidden, softcap).float()
+                scale: float, softcap: float | None) -> torch.Tensor:
+    logits = _logits(head, hidden, scale, softcap)
+    logits = logits.to(_acc_dtype(logits.dtype))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -78,27 +99,28 @@ def token_logprobs(
     head: nn.Module,
     targets: torch.Tensor,
     *,
+    scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """log p(targets | hidden) per position, (B, T) float32, with gradient.
+    """log p(targets | hidden) per position, shaped like `targets`, float32 (or wider), with gradient.
 
     Each chunk's logits are recomputed in the backward pass instead of being stored, which
     keeps peak memory at one chunk of logits; `chunk_size=None` picks ~128 MiB chunks.
     """
-    b, t, h = hidden.shape
-    flat, tgt = hidden.reshape(b * t, h), targets.reshape(b * t).clamp_min(0)
+    shape, n = targets.shape, targets.numel()
+    flat, tgt = hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)
     size = chunk_size or chunk_positions(_out_features(head))
-    if b * t <= size:
+    if n <= size:
         # One chunk: its stored logits are within the chunk budget, so skip the recompute.
-        return _token_logp(flat, tgt, head, softcap).view(b, t)
+        return _token_logp(flat, tgt, head, scale, softcap).view(shape)
     grad = torch.is_grad_enabled()
     parts = [
-        checkpoint(_token_logp, flat[sl], tgt[sl], head, softcap, use_reentrant=False)
-        if grad else _token_logp(flat[sl], tgt[sl], head, softcap)
-        for sl in _chunks(b * t, size)
+        checkpoint(_token_logp, flat[sl], tgt[sl], head, scale, softcap, use_reentrant=False)
+        if grad else _token_logp(flat[sl], tgt[sl], head, scale, softcap)
+        for sl in _chunks(n, size)
     ]
-    return torch.cat(parts).view(b, t)
+    return torch.cat(parts).view(shape)
 
 
 def _out_features(head: nn.Module) -> int:
@@ -108,4 +130,4 @@ def _out_features(head: nn.Module) -> int:
     return int(getattr(head, "out_features", 32000))
 
 
-__all__ = ["chunk_positions", "intuition_from_hidden", "token_logprobs"]
+__all__ = ["chunk_positions", "intuition_from_hidden", "logit_transform", "token_logprobs"]

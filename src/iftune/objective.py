@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from iftune.errors import UserError
-from iftune.lm_head import intuition_from_hidden, token_logprobs
+from iftune.lm_head import intuition_from_hidden, logit_transform, token_logprobs
 
 IGNORE_INDEX = -100
 
@@ -221,29 +221,33 @@ def ift_loss(
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     table = embeddings if embeddings is not None else base.get_input_embeddings()
-    softcap = _softcap(base)
-    next_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    mask = next_labels[:, :-1] != IGNORE_INDEX
+    scale, softcap = logit_transform(base.config)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
     if position_ids is not None:  # a prediction never crosses a document boundary
         mask &= position_ids[:, 1:] != 0
+    # The head runs only where a target is trained: prompts and padding cost no logits.
+    head_kw = dict(scale=scale, softcap=softcap, chunk_size=chunk_size)
 
     # Step 1: intuition pass, no graph kept.
     with torch.no_grad():
         hidden = _hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
-        preds, tf_logp = intuition_from_hidden(
-            hidden, head, next_labels, intuition=intuition, k=int(intuition_k),
-            temperature=float(temperature), generator=generator, softcap=softcap, chunk_size=chunk_size)
+        picked, tf_picked = intuition_from_hidden(
+            hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
+            temperature=float(temperature), generator=generator, **head_kw)
         del hidden
+        preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
     # Steps 2-3: intuitive tokens and the temporal residual connection.
     further = intuitive_tokens(input_ids, labels, preds, position_ids)
     x = mix_embeddings(table(input_ids), table(further), lam)
     # Step 4: training pass.
     hidden = _hidden_states(model, base, attention_mask, position_ids, inputs_embeds=x)
-    logp = token_logprobs(hidden[:, :-1], head, next_labels[:, :-1], softcap=softcap, chunk_size=chunk_size)
-    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    picked_logp = token_logprobs(hidden[:, :-1][mask], head, targets[mask], **head_kw)
+    logp = torch.zeros(mask.shape, dtype=picked_logp.dtype, device=mask.device).masked_scatter(mask, picked_logp)
+    tf_logp = torch.zeros_like(logp).masked_scatter(mask, tf_picked.to(logp.dtype))
 
     # Steps 5-6, per document: rows of a padded batch, or the documents of packed rows.
-    logp_d, mask_d, tf_d = _per_document(mask, position_ids, logp, tf_logp[:, :-1].to(logp.dtype))
+    logp_d, mask_d, tf_d = _per_document(mask, position_ids, logp, tf_logp)
     w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
     n = mask_d.sum(-1)
     valid = n > 0
@@ -256,7 +260,7 @@ def ift_loss(
         sft = ((-tf_d * mask_d).sum(-1) / denom).sum() / n_seq.clamp_min(1)
         nll = ((-logp_d.detach()).sum(-1) / denom).sum() / n_seq.clamp_min(1)
         n_tok = mask.sum()
-        hits = ((preds[:, :-1] == next_labels[:, :-1]) & mask).sum()
+        hits = (picked == targets[mask]).sum()
         acc = hits.to(torch.float32) / n_tok.clamp_min(1)
     return IFTOutput(loss=loss, sft_loss=sft, intuitive_nll=nll, intuition_accuracy=acc,
                      n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
@@ -289,12 +293,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
-
-
-def _softcap(base: nn.Module) -> float | None:
-    config = getattr(base, "config", None)
-    config = getattr(config, "text_config", config) if config is not None else None
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
 
 
 def _hidden_states(model: nn.Module, base: nn.Module, attention_mask, position_ids, **inputs) -> torch.Tensor:
