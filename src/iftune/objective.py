@@ -274,16 +274,31 @@ def _per_document(mask: torch.Tensor, position_ids: torch.Tensor | None, *values
     """
     if position_ids is None:
         return (*values[:1], mask, *values[1:])
-    starts = position_ids == 0
-    starts[:, 0] = True
-    doc = (starts.reshape(-1).cumsum(0) - 1).view_as(position_ids)[:, 1:]
+    doc, n_docs = _target_documents(position_ids)
     offset = (position_ids[:, 1:] - 1).clamp_min(0)
-    n_docs = int(doc.max()) + 1
     width = int(offset[mask].max()) + 1 if mask.any() else 1
     d, o = doc[mask], offset[mask]
     regroup = [v.new_zeros(n_docs, width).index_put((d, o), v[mask]) for v in values]
     mask_d = mask.new_zeros(n_docs, width).index_put((d, o), torch.ones_like(d, dtype=torch.bool))
     return (regroup[0], mask_d, *regroup[1:])
+
+
+def _target_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document index of each target position t+1 (B, T-1), and the number of documents."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc = starts.reshape(-1).cumsum(0).view_as(position_ids) - 1
+    return doc[:, 1:], int(doc[-1, -1]) + 1
+
+
+def sequence_count(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
+    """Sequences with at least one trained target: the denominator of the IFT loss (step 6)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if position_ids is None:
+        return int(mask.any(-1).sum())
+    mask &= position_ids[:, 1:] != 0
+    doc, _ = _target_documents(position_ids)
+    return int(doc[mask].unique().numel())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -320,5 +335,6 @@ __all__ = [
     "intuitive_tokens",
     "mix_embeddings",
     "relation_weights",
+    "sequence_count",
     "unwrap_model",
 ]

@@ -1,0 +1,239 @@
+"""`IFTConfig` and `IFTTrainer`: TRL's SFT data pipeline with the IFT objective as its loss.
+
+Everything SFTTrainer does with data (conversational, prompt/completion or plain text;
+assistant-only and completion-only loss; packing; padding-free batches; PEFT; gradient
+checkpointing; `report_to`) is inherited. Only the loss changes: the two passes of
+`iftune.objective.ift_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from iftune.objective import (
+    INTUITIONS,
+    check_choice,
+    check_relation_options,
+    check_unit,
+    ift_loss,
+    sequence_count,
+    unwrap_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def default_bf16() -> bool:
+    """bf16 only where the hardware has it: TRL's default (True) fails on a CPU-only machine."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class IFTConfig(SFTConfig):
+    r"""Configuration for [`IFTTrainer`]: every [`trl.SFTConfig`] option plus the IFT objective's.
+
+    Equation numbers refer to Hua et al., "Intuitive Fine-Tuning" (2024); defaults are the
+    authors' published recipe (lam 0.2, gamma 0.95, loss propagation, left side, L1).
+    """
+
+    min_lambda: float = field(default=0.2, metadata={"help": "Eq. 17: lam at the start of the `linear` schedule."})
+    max_lambda: float = field(
+        default=0.2,
+        metadata={"help": "Eq. 17: weight lam of the model's own intuition in the temporal residual "
+                          "connection x = (1-lam) E[s_i] + lam E[pi(s_{i-1})]; used as is without a schedule."})
+    lambda_schedule: str | None = field(
+        default=None, metadata={"help": "Eq. 17: None (constant max_lambda) or 'linear' (min -> max over "
+                                        "lambda_warmup_steps optimizer steps)."})
+    lambda_warmup_steps: int = field(default=0, metadata={"help": "Eq. 17: steps of the linear lam schedule."})
+    lambda_disturb: str | None = field(
+        default=None, metadata={"help": "Eq. 17: None or 'normal': lam <- lam + eps*disturb_std*lam, eps~N(0,1) "
+                                        "seeded per step, clamped to [0, 1]."})
+    disturb_std: float = field(default=0.1, metadata={"help": "Eq. 17: relative std of the lam disturbance."})
+    gamma: float = field(
+        default=0.95, metadata={"help": "Eq. 22 (with the Bellman decay of eq. 23): discount of dynamic relation "
+                                        "propagation; 0 disables it."})
+    propagation: str = field(
+        default="loss", metadata={"help": "Eq. 22: what is propagated: 'loss' (-logp/n), 'logps' (-logp) or "
+                                          "'mask' (token counting, eq. 22 read literally)."})
+    side: str = field(default="left", metadata={"help": "Eq. 22: 'left' (a token weighs what it influences later) "
+                                                        "or 'right' (the reference code's inverse variant)."})
+    norm: str = field(default="L1", metadata={"help": "Eq. 22: weight transform: 'L1', 'L2', 'softmax' or 'log'."})
+    intuition: str = field(
+        default="greedy", metadata={"help": "Eq. 17: how pi(s_{i-1}) is chosen: 'greedy', 'rank' (k-th most "
+                                            "likely) or 'sample'."})
+    intuition_k: int = field(default=1, metadata={"help": "Eq. 17: k for intuition='rank' (1 = greedy)."})
+    intuition_temperature: float = field(default=1.0, metadata={"help": "Eq. 17: temperature for 'sample'."})
+    intuition_embeddings: str = field(
+        default="live", metadata={"help": "Eq. 17: table E: 'live' (the model's, trained) or 'frozen' (a copy of "
+                                          "the initial table, as the reference code does)."})
+    detach_weights: bool = field(
+        default=False, metadata={"help": "Eq. 22: stop the gradient through the relation weights."})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Train on assistant turns only (conversational `messages` data). IFT "
+                                        "must not replace prompt tokens; set to False for other formats automatically."})
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = default_bf16()
+        for name in ("min_lambda", "max_lambda"):
+            check_unit(name, getattr(self, name))
+        check_relation_options(self.gamma, self.propagation, self.side, self.norm)
+        check_choice("lambda_schedule", self.lambda_schedule, (None, "linear"))
+        check_choice("lambda_disturb", self.lambda_disturb, (None, "normal"))
+        check_choice("intuition", self.intuition, INTUITIONS)
+        check_choice("intuition_embeddings", self.intuition_embeddings, ("live", "frozen"))
+        if self.lambda_warmup_steps < 0:
+            raise ValueError(f"lambda_warmup_steps={self.lambda_warmup_steps!r} is not valid; expected an integer >= 0")
+        if not self.disturb_std >= 0:
+            raise ValueError(f"disturb_std={self.disturb_std!r} is not valid; expected a number >= 0")
+        if self.intuition_k < 1:
+            raise ValueError(f"intuition_k={self.intuition_k!r} is not valid; expected an integer >= 1")
+        if not self.intuition_temperature > 0:
+            raise ValueError(f"intuition_temperature={self.intuition_temperature!r} is not valid; expected a number > 0")
+        if self.packing and self.packing_strategy == "wrapped":
+            raise ValueError("packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
+                             "cross documents; use packing_strategy='bfd'")
+        super().__post_init__()
+
+    def lambda_at(self, step: int, disturb: bool = True) -> float:
+        """lam for optimizer step `step` (eq. 17): the schedule, then the seeded disturbance."""
+        lam = self.max_lambda
+        if self.lambda_schedule == "linear":
+            frac = 1.0 if self.lambda_warmup_steps == 0 else min(1.0, step / self.lambda_warmup_steps)
+            lam = self.min_lambda + (self.max_lambda - self.min_lambda) * frac
+        if self.lambda_disturb == "normal" and disturb:
+            # Seeded by step alone, so a resumed run draws the same noise as an uninterrupted one.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            eps = torch.randn((), generator=gen, dtype=torch.float64).item()
+            lam = min(1.0, max(0.0, lam + eps * self.disturb_std * lam))
+        return float(lam)
+
+
+class DropCountMixin:
+    """Logs how many rows TRL's preparation dropped (no trained token left after truncation)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        before = _length(dataset)
+        out = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        after = _length(out)
+        if before is not None and after is not None and not packing and after < before:
+            logger.warning("%s dataset: dropped %d of %d rows that have no trained token after truncation "
+                           "(max_length=%s)", dataset_name, before - after, before, args.max_length)
+        return out
+
+
+def _length(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+class IFTTrainer(DropCountMixin, SFTTrainer):
+    """SFTTrainer whose loss is Intuitive Fine-Tuning (eq. 17-22).
+
+    The loss of an optimizer step is the mean, over every sequence of the accumulation window
+    and of every process, of each sequence's weighted mean token loss: the same update as one
+    big batch, whatever the split into micro-batches and processes.
+    """
+
+    _tag_names = ["trl", "sft", "iftune", "ift"]
+
+    def __init__(self, model, args: IFTConfig | None = None, data_collator=None, train_dataset=None, *pos, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            args = IFTConfig(f"{str(name).split('/')[-1]}-IFT")
+        elif not isinstance(args, IFTConfig):
+            raise TypeError("IFTTrainer needs an IFTConfig")
+        sample = _first_row(train_dataset)
+        if args.assistant_only_loss and sample is not None and "messages" not in sample:
+            args.assistant_only_loss = False  # TRL supports it for `messages` data only
+        super().__init__(model, args, data_collator, train_dataset, *pos, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's sequence count
+        self._frozen_embeddings = None
+        if args.intuition_embeddings == "frozen":
+            table = unwrap_model(self.model).get_input_embeddings()
+            self._frozen_embeddings = copy.deepcopy(table).requires_grad_(False)
+        self._micro_step = (-1, 0)
+
+    # -- gradient accumulation: count sequences, not tokens, over the whole window
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(sequence_count(b["labels"], b.get("position_ids")) for b in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.args.intuition != "sample":
+            return None
+        # One seed per (step, micro-batch, process): sampling resumes exactly from a checkpoint.
+        step = self.state.global_step
+        micro = self._micro_step[1] + 1 if self._micro_step[0] == step else 0
+        self._micro_step = (step, micro)
+        seed = hash((self.args.seed, step, micro, self.accelerator.process_index)) % (2**63)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        lam = self.args.lambda_at(self.state.global_step, disturb=mode == "train")
+        input_ids = inputs["input_ids"]
+        if self._frozen_embeddings is not None:
+            self._frozen_embeddings.to(input_ids.device)
+        args = self.args
+        out = ift_loss(
+            model, input_ids, inputs["labels"], inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"), lam=lam, gamma=args.gamma,
+            propagation=args.propagation, side=args.side, norm=args.norm, intuition=args.intuition,
+            intuition_k=args.intuition_k, temperature=args.intuition_temperature,
+            generator=self._generator(input_ids.device), detach_weights=args.detach_weights,
+            embeddings=self._frozen_embeddings,
+        )
+        if num_items_in_batch is not None:
+            # DDP averages gradients over processes; the count already spans all of them.
+            loss = out.loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1) * self.accelerator.num_processes
+        else:
+            loss = out.loss
+        self._log_metrics(mode, out, lam, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def _log_metrics(self, mode: str, out, lam: float, inputs) -> None:
+        gather = self.accelerator.gather_for_metrics
+        stats = torch.stack([out.sft_loss, out.intuitive_nll, out.intuition_accuracy.to(out.sft_loss.dtype)])
+        stats = gather(stats.detach().float().reshape(1, -1)).reshape(-1, 3).mean(0).tolist()
+        for key, value in zip(("sft_loss", "intuitive_nll", "intuition_accuracy"), stats):
+            self._metrics[mode][key].append(value)
+        self._metrics[mode]["lambda"].append(lam)
+        if mode == "train":
+            mask = inputs.get("attention_mask")
+            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            self._total_train_tokens += int(gather(local.reshape(1)).sum().item())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # IFT builds no full logits: evaluation reports the loss only.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def _first_row(dataset) -> dict | None:
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        dataset = next(iter(dataset.values()))
+    try:
+        return next(iter(dataset))
+    except (StopIteration, TypeError):
+        return None
+
+
+__all__ = ["IFTConfig", "IFTTrainer", "default_bf16"]
