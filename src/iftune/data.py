@@ -120,7 +120,8 @@ def to_preference_row(row: dict, where: str) -> dict:
         if value is None or value == "" or value == []:
             raise UserError(f"{where}: field '{key}' is missing or empty (DPO/ORPO need prompt, chosen, rejected)")
     out = {"chosen": row["chosen"], "rejected": row["rejected"]}
-    if row.get("prompt") is not None:
+    implicit = _is_messages(row["chosen"]) and row["chosen"][0]["role"] != "assistant"
+    if row.get("prompt") is not None and not implicit:  # an implicit prompt is extracted by TRL
         out["prompt"] = row["prompt"]
     elif not _is_messages(row["chosen"]):
         raise UserError(f"{where}: field 'prompt' is missing (needed when chosen/rejected are plain text)")
@@ -143,19 +144,21 @@ def load_training_data(
     sources: list[str],
     method: str,
     num_samples: list[int] | None = None,
-    split: str = "train",
+    split: str | list[str] = "train",
     config: str | None = None,
     seed: int = 42,
 ) -> Dataset:
     """Load, check, convert and mix `sources`; `num_samples[i]` rows are drawn from source i
     (seeded; -1 = all), e.g. UltraFeedback plus 60k UltraChat as in the paper."""
     counts = list(num_samples or [])
-    if counts and len(counts) != len(sources):
-        raise UserError(f"dataset_num_samples has {len(counts)} values for {len(sources)} datasets; give one per dataset")
+    splits = [split] if isinstance(split, str) else list(split)
+    for name, values in (("dataset_num_samples", counts), ("dataset_train_split", splits)):
+        if len(values) > 1 and len(values) != len(sources):
+            raise UserError(f"{name} has {len(values)} values for {len(sources)} datasets; give one, or one per dataset")
     parts = []
     for i, source in enumerate(sources):
-        data = prepare(load_source(source, split, config), method, source)
-        n = counts[i] if counts else -1
+        data = prepare(load_source(source, splits[i] if len(splits) > 1 else splits[0], config), method, source)
+        n = counts[i] if len(counts) > 1 else counts[0] if counts else -1
         if n >= 0:
             if n > len(data):
                 raise UserError(f"{source}: dataset_num_samples={n} but the dataset has {len(data)} rows")

@@ -31,7 +31,9 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "Rows to draw from each dataset_name, in order (-1 = all), e.g. -1 60000."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_train_split: list[str] = field(
+        default_factory=lambda: ["train"],
+        metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."})
 
 
 def _classes(method: str) -> tuple[type, type]:

@@ -1,0 +1,173 @@
+"""The demo's base model: a tiny Llama and a word-level tokenizer, built and pre-trained locally.
+
+Nothing is downloaded. The tokenizer is trained with `tokenizers` on the generated corpus, the
+model is a Llama config of about a million parameters, briefly pre-trained on that corpus, and
+both are saved in the standard Hugging Face layout, so `AutoModelForCausalLM.from_pretrained`
+and `AutoTokenizer.from_pretrained` load the directory like any hub checkpoint. The result is
+cached under `$IFTUNE_CACHE` (else `$XDG_CACHE_HOME/iftune`, else `~/.cache/iftune`) in a folder
+named by a hash of everything that determines it, so later runs skip the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from iftune.demo.data import pretraining_corpus
+
+# Bump when the corpus, tokenizer or training code changes what gets built.
+BUILD_VERSION = "1"
+
+BOS, EOS, PAD, UNK = "<s>", "<|end|>", "<pad>", "<unk>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, *ROLE_TOKENS]
+
+# Assistant content (and its end token) sits inside {% generation %} so that TRL's
+# `assistant_only_loss` trains on exactly the answer. Spaces separate every token because the
+# tokenizer splits on whitespace.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|> {% generation %}{{ message['content'] }} <|end|>{% endgeneration %} "
+    "{% else %}"
+    "<|{{ message['role'] }}|> {{ message['content'] }} <|end|> "
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Everything that determines the base model; its hash names the cache folder."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    intermediate_size: int = 384
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+    corpus_docs: int = 20000
+    block_size: int = 64
+    batch_size: int = 32
+    pretrain_steps: int = 400
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """`$IFTUNE_CACHE`, else `$XDG_CACHE_HOME/iftune`, else `~/.cache/iftune`."""
+    if os.environ.get("IFTUNE_CACHE"):
+        return Path(os.environ["IFTUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "iftune"
+
+
+def base_dir(spec: BaseSpec, root: Path | None = None) -> Path:
+    return (root or cache_root()) / f"demo-base-{spec.key()}"
+
+
+def train_tokenizer(corpus: list[str]):
+    """A word-level tokenizer trained on the corpus, wrapped for transformers, with the chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, unk_token=UNK,
+                                   additional_special_tokens=list(ROLE_TOKENS))
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(spec: BaseSpec, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers, intermediate_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def token_blocks(corpus: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """The corpus as one stream (`<s> doc <|end|>` per document) cut into equal blocks."""
+    stream: list[int] = []
+    for doc in corpus:
+        stream += [tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False),
+                   tokenizer.eos_token_id]
+    n = len(stream) // block_size
+    return torch.tensor(stream[: n * block_size]).view(n, block_size)
+
+
+def pretrain(model, blocks: torch.Tensor, spec: BaseSpec, progress=None) -> list[float]:
+    """Plain next-token training with AdamW and a cosine decay; returns the loss per step."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / spec.pretrain_steps)))
+    model.train()
+    losses = []
+    for _ in range(spec.pretrain_steps):
+        batch = blocks[torch.randint(len(blocks), (spec.batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(loss.item())
+    model.eval()
+    return losses
+
+
+def build_base(spec: BaseSpec = BaseSpec(), root: Path | None = None, progress=None) -> Path:
+    """Return the cached base-model folder for `spec`, building it first if it is missing.
+
+    `progress`, if given, is called with the loss after every pre-training step. The folder is
+    written under a temporary name and renamed at the end, so an interrupted build leaves no
+    half-written cache behind.
+    """
+    target = base_dir(spec, root)
+    if (target / "config.json").exists():
+        return target
+    torch.manual_seed(spec.seed)
+    corpus = pretraining_corpus(spec.corpus_docs, spec.seed)
+    tokenizer = train_tokenizer(corpus)
+    model = make_model(spec, tokenizer)
+    losses = pretrain(model, token_blocks(corpus, tokenizer, spec.block_size), spec, progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"spec": asdict(spec), "build_version": BUILD_VERSION,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "final_pretrain_loss": sum(losses[-20:]) / len(losses[-20:])}
+        (tmp / "iftune-demo-base.json").write_text(json.dumps(info, indent=2))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another build: fine
+            raise
+    return target
