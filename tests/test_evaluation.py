@@ -1,0 +1,302 @@
+"""`iftune eval` and `iftune generate` end to end on tiny local models and tasks (offline).
+
+The stub models are real Llama checkpoints whose weights make every position predict one fixed
+token: all token embeddings are equal and the blocks add nothing to the residual stream, so the
+last hidden state is constant and `lm_head` picks the token. A model that always says the gold
+letter must score exactly 1.0, one that always says another letter exactly 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("lm_eval")
+import torch  # noqa: E402
+
+from iftune import cli  # noqa: E402
+from iftune.evaluation import data as data_mod  # noqa: E402
+from iftune.evaluation.report import LEADERBOARD, markdown_table, summarize  # noqa: E402
+from iftune.evaluation.run import task_plan  # noqa: E402
+
+GOLD, WRONG = "B", "D"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+WORDS = list("ABCDEFGH") + list("1234") + ["Question", "Answer", ":", ".", "?", "with", "the",
+                                           "letter", "of", "correct", "option", "which", "is",
+                                           "sky", "sea", "sun", "red", "blue", "green"]
+
+
+def make_tokenizer(path: Path, chat: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=SPECIALS[4:])
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return tok
+
+
+def make_model(path: Path, tok, answer: str, chat: bool = True) -> Path:
+    """A tiny Llama that predicts `answer` at every position, saved with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0  # every token: same residual stream
+        for layer in model.model.layers:  # blocks write nothing into the residual stream
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.convert_tokens_to_ids(answer), 0] = 5.0
+    model.save_pretrained(path)
+    make_tokenizer(path, chat=chat)
+    return path
+
+
+def make_adapter(path: Path, base: Path, tok, answer: str) -> Path:
+    """A LoRA on lm_head that moves the base model's fixed answer to `answer`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"]))
+    lm_head = model.base_model.model.lm_head
+    with torch.no_grad():
+        lm_head.lora_A["default"].weight.zero_()
+        lm_head.lora_A["default"].weight[0, 0] = 1.0
+        lm_head.lora_B["default"].weight.zero_()
+        lm_head.lora_B["default"].weight[tok.convert_tokens_to_ids(answer), 0] = 20.0
+    model.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TINY_TASKS = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {mc}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+"""
+TINY_GEN = """\
+task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {gen}
+    test: {gen}
+output_type: generate_until
+training_split: train
+test_split: test
+num_fewshot: 2
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 3
+  do_sample: false
+filter_list:
+  - name: first-word
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\w+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalenv")
+    tok = make_tokenizer(root / "tok")
+    right = make_model(root / "right", tok, GOLD)
+    wrong = make_model(root / "wrong", tok, WRONG)
+    no_template = make_model(root / "plain", tok, GOLD, chat=False)
+    adapter = make_adapter(root / "adapter", wrong, tok, GOLD)
+    questions = ["which is the sky ?", "which is red ?", "which is the sea ?", "is the sun ?"]
+    mc = write_jsonl(root / "mc.jsonl", [{"question": q, "choices": ["A", GOLD, "C", WRONG],
+                                          "gold": 1} for q in questions])
+    gen = write_jsonl(root / "gen.jsonl", [{"question": q, "answer": GOLD} for q in questions])
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(TINY_TASKS.format(mc=mc))
+    (tasks / "tiny_gen.yaml").write_text(TINY_GEN.format(gen=gen))
+    return {"root": root, "right": right, "wrong": wrong, "plain": no_template,
+            "adapter": adapter, "tasks": tasks}
+
+
+def run_eval(env, out: Path, *extra: str, model: str = "right", tasks="tiny_mc,tiny_gen"):
+    args = ["eval", "--model", str(env[model]), "--tasks", tasks, "--include-path",
+            str(env["tasks"]), "--output-dir", str(out), "--device", "cpu", *extra]
+    return cli.main(args)
+
+
+def scores(out: Path) -> dict[str, float]:
+    summary = json.loads((out / "summary.json").read_text())
+    return {task: row["value"] for task, row in summary["tasks"].items()}
+
+
+def logged_prompts(out: Path, task: str) -> list[str]:
+    (path,) = out.glob(f"samples_{task}_*.jsonl")
+    return [json.loads(line)["arguments"]["gen_args_0"]["arg_0"]
+            for line in path.read_text().splitlines()]
+
+
+def test_right_model_scores_one_with_chat_template_and_outputs(env, tmp_path):
+    out = tmp_path / "right"
+    assert run_eval(env, out) == 0
+    assert scores(out) == {"tiny_mc": 1.0, "tiny_gen": 1.0}
+    assert list(out.glob("results_*.json")) and list(out.glob("samples_tiny_mc_*.jsonl"))
+    results = json.loads(next(out.glob("results_*.json")).read_text())
+    assert results["results"]["tiny_mc"]["acc,none"] == 1.0
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| Model | tiny_gen | tiny_mc | Avg. |"
+    assert table[2] == "| right | 100.00 | 100.00 | 100.00 |"
+    # chat template on, and the 2 few-shot examples are earlier turns of the conversation
+    for prompt in logged_prompts(out, "tiny_gen"):
+        assert prompt.startswith("<|user|> Question:") and prompt.endswith("<|assistant|>")
+        assert prompt.count("<|user|>") == 3 and prompt.count(f"<|assistant|> {GOLD} <|end|>") == 2
+    assert all(p.startswith("<|user|>") for p in logged_prompts(out, "tiny_mc"))
+
+
+def test_wrong_model_scores_zero(env, tmp_path):
+    assert run_eval(env, tmp_path, model="wrong") == 0
+    assert scores(tmp_path) == {"tiny_mc": 0.0, "tiny_gen": 0.0}
+
+
+def test_lora_adapter_is_applied(env, tmp_path):
+    # the base model always answers wrongly; its adapter moves the answer to the gold letter
+    assert run_eval(env, tmp_path, "--adapter", str(env["adapter"]), model="wrong") == 0
+    assert scores(tmp_path) == {"tiny_mc": 1.0, "tiny_gen": 1.0}
+    assert json.loads((tmp_path / "summary.json").read_text())["adapter"] == str(env["adapter"])
+    assert (tmp_path / "results.md").read_text().splitlines()[2].startswith("| wrong + adapter |")
+
+
+def test_no_chat_template_gives_plain_prompts(env, tmp_path):
+    assert run_eval(env, tmp_path, "--no-chat-template", model="plain", tasks="tiny_gen") == 0
+    assert scores(tmp_path) == {"tiny_gen": 1.0}
+    prompts = logged_prompts(tmp_path, "tiny_gen")
+    assert prompts and not any("<|" in p for p in prompts)
+    assert all(p.startswith("Question:") and p.count("Question:") == 3 for p in prompts)
+
+
+def test_tokenizer_without_template_is_a_one_line_error(env, tmp_path, capsys):
+    assert run_eval(env, tmp_path, model="plain", tasks="tiny_gen") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no chat template" in err and "--no-chat-template" in err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_hub_only_task_offline_names_dataset_before_model_load(env, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(data_mod, "in_cache", lambda path: False)
+    code = cli.main(["eval", "--model", str(tmp_path / "no-such-model"), "--tasks", "arc_gen",
+                     "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "allenai/ai2_arc" in err and "--data-dir DIR" in err and "no-such-model" not in err
+
+
+def fake_arc(data_dir: Path) -> None:
+    """ARC-Challenge laid out as on the hub (parquet per split, no README), labels A-D and 1-4."""
+    import pandas as pd
+
+    folder = data_dir / "allenai" / "ai2_arc" / "ARC-Challenge"
+    folder.mkdir(parents=True)
+    texts = ["A", GOLD, "C", WRONG]
+    rows = [{"id": f"q{i}", "question": q, "answerKey": key,
+             "choices": {"text": texts, "label": labels}}
+            for i, q in enumerate(["which is the sky ?", "which is red ?", "is the sun ?"])
+            for labels, key in [(list("ABCD"), "B"), (list("1234"), "2")]]
+    for split in ("train", "validation", "test"):
+        pd.DataFrame(rows).to_parquet(folder / f"{split}-00000-of-00001.parquet")
+
+
+def test_data_dir_serves_lm_eval_arc_and_arc_gen(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "in_cache", lambda path: False)
+    fake_arc(tmp_path / "hub")
+    out = tmp_path / "out"
+    code = run_eval(env, out, "--data-dir", str(tmp_path / "hub"), "--num-fewshot", "1",
+                    tasks="arc_challenge,arc_gen")
+    assert code == 0
+    assert scores(out) == {"arc_challenge": 1.0, "arc_gen": 1.0}
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert header == "| Model | ARC | ARC-Gen | Avg. |"
+    prompt = logged_prompts(out, "arc_gen")[1]  # an item whose labels were 1-4
+    assert "A . A" in prompt or "A. A" in prompt
+    samples = [json.loads(s) for s in next(out.glob("samples_arc_gen_*.jsonl")).open()]
+    assert {s["target"] for s in samples} == {GOLD}
+
+
+def test_generate_writes_alpaca_eval_records(env, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": "which is red ?", "dataset": "tiny"},
+                                   "is the sun blue ?", "which is the sea ?"]))
+    out = tmp_path / "outputs.json"
+    code = cli.main(["generate", "--model", str(env["right"]), "--prompts", str(prompts),
+                     "--output", str(out), "--max-new-tokens", "2", "--batch-size", "2",
+                     "--device", "cpu"])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["instruction"] for r in rows] == ["which is red ?", "is the sun blue ?",
+                                                "which is the sea ?"]
+    assert all({"instruction", "output", "generator"} <= set(r) for r in rows)
+    assert all(r["output"] == f"{GOLD} {GOLD}" and r["generator"] == "right" for r in rows)
+    assert rows[0]["dataset"] == "tiny" and "dataset" not in rows[1]
+
+
+def test_leaderboard_plan_has_the_papers_shots():
+    plan = task_plan("leaderboard", None)
+    assert plan == {"arc_challenge": {"num_fewshot": 25}, "arc_gen": {"num_fewshot": 25},
+                    "mmlu": {"num_fewshot": 5}, "truthfulqa_mc2": {"num_fewshot": 0},
+                    "winogrande": {"num_fewshot": 5}, "gsm8k": {"num_fewshot": 5}}
+
+
+def test_table3_layout_and_compare(tmp_path, capsys):
+    values = [0.5, 0.25, 0.4, 0.6, 0.7, 0.1]
+    results = {"results": {c.task: {c.metric: v, "alias": c.task}
+                           for c, v in zip(LEADERBOARD, values)}}
+    summary = summarize(results, [c.task for c in LEADERBOARD], "/m/ift-model", None)
+    lines = markdown_table([summary]).splitlines()
+    assert lines[0] == "| Model | ARC | ARC-Gen | MMLU | TruthfulQA | WinoGrande | GSM8K | Avg. |"
+    assert lines[2] == "| ift-model | 50.00 | 25.00 | 40.00 | 60.00 | 70.00 | 10.00 | 42.50 |"
+    for name, s in [("a", summary), ("b", {**summary, "model": "sft-model"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    assert cli.main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith("| ift-model |") and rows[3].startswith("| sft-model |")
+    assert cli.main(["eval", "--compare", str(tmp_path / "missing")]) == 2
