@@ -522,3 +522,12 @@ def test_bad_options_raise(model, option, value):
     if option == "gamma":
         with pytest.raises(ValueError, match="gamma"):
             discounted_cumsum(torch.zeros(3), value)
+
+
+def test_position_ids_broadcast_over_batch(model):
+    ids, labels = batch(b=2, t=8)
+    pos = torch.arange(8)[None]
+    broadcast = ift_loss(model, ids, labels, position_ids=pos).loss
+    full = ift_loss(model, ids, labels, position_ids=pos.expand(2, -1)).loss
+    assert torch.allclose(broadcast, full, rtol=0, atol=1e-12)
+    assert torch.allclose(broadcast, ift_loss(model, ids, labels).loss, rtol=0, atol=1e-12)

@@ -218,6 +218,9 @@ def ift_loss(
     if intuition == "sample" and not float(temperature) > 0:
         raise UserError(f"temperature={temperature!r} is not valid; expected a number > 0")
 
+    if position_ids is not None:
+        # Hugging Face takes (1, T) position ids for a whole batch; the per-row logic needs (B, T).
+        position_ids = position_ids.expand_as(input_ids)
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     table = embeddings if embeddings is not None else base.get_input_embeddings()
