@@ -1,0 +1,183 @@
+"""IFTConfig / IFTTrainer: the loss, gradient accumulation, processes, resume, LoRA, packing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from conftest import build_model, build_tokenizer, conversations
+from iftune.trainer import IFTConfig, IFTTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "train.py"
+CPU = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True,
+           dataloader_num_workers=0, logging_steps=1)
+
+
+def make_trainer(tmp_path, model=None, rows=None, **overrides) -> IFTTrainer:
+    tok = build_tokenizer()
+    model = model if model is not None else build_model(len(tok))
+    cfg = {**CPU, "output_dir": str(tmp_path / "out"), "max_steps": 1, **overrides}
+    return IFTTrainer(model=model, args=IFTConfig(**cfg), processing_class=tok,
+                      train_dataset=Dataset.from_list(rows or conversations(8)))
+
+
+def first_batch(trainer: IFTTrainer) -> dict:
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("field,value", [("max_lambda", 1.5), ("min_lambda", -0.1), ("gamma", 2.0),
+                                         ("norm", "L3"), ("side", "up"), ("propagation", "x"),
+                                         ("intuition", "beam"), ("lambda_schedule", "cosine"),
+                                         ("intuition_embeddings", "cold"), ("intuition_k", 0)])
+def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
+
+
+def test_config_refuses_wrapped_packing(tmp_path):
+    with pytest.raises(ValueError, match="wrapped"):
+        IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, packing=True, packing_strategy="wrapped")
+
+
+def test_lambda_schedule_and_disturbance(tmp_path):
+    cfg = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, min_lambda=0.0, max_lambda=0.4,
+                    lambda_schedule="linear", lambda_warmup_steps=4)
+    assert [cfg.lambda_at(s) for s in (0, 1, 2, 4, 10)] == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
+    noisy = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, lambda_disturb="normal",
+                      disturb_std=0.5, seed=3)
+    draws = [noisy.lambda_at(s) for s in range(50)]
+    assert draws == [noisy.lambda_at(s) for s in range(50)]  # seeded per step: resumable
+    assert len(set(draws)) > 40 and all(0.0 <= d <= 1.0 for d in draws)
+    assert abs(sum(draws) / 50 - 0.2) < 0.05
+    assert noisy.lambda_at(7, disturb=False) == 0.2
+
+
+def test_defaults_are_the_authors_recipe(tmp_path):
+    cfg = IFTConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert (cfg.max_lambda, cfg.gamma, cfg.propagation, cfg.side, cfg.norm) == (0.2, 0.95, "loss", "left", "L1")
+    assert cfg.assistant_only_loss and cfg.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+# ---------------------------------------------------------------- the loss in the trainer
+
+
+def test_trains_only_assistant_turns_and_lam0_gamma0_is_sft(tmp_path):
+    trainer = make_trainer(tmp_path, max_lambda=0.0, min_lambda=0.0, gamma=0.0, per_device_train_batch_size=4)
+    batch = first_batch(trainer)
+    labels = batch["labels"]
+    assert (labels == -100).any() and (labels != -100).any()  # prompts are masked
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    mask = labels[:, 1:] != -100
+    expected = (-(lp * mask).sum(-1) / mask.sum(-1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    metrics = trainer._metrics["train"]
+    assert metrics["lambda"] == [0.0] and metrics["sft_loss"][0] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_logs_ift_metrics_with_trl_lines(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for key in ("loss", "sft_loss", "intuitive_nll", "lambda", "intuition_accuracy", "num_tokens", "grad_norm"):
+        assert key in logs[0], key
+    assert logs[0]["lambda"] == pytest.approx(0.2)
+
+
+def _one_update(tmp_path, name, **overrides) -> dict:
+    tok = build_tokenizer()
+    model = build_model(len(tok)).double()
+    trainer = make_trainer(tmp_path / name, model=model, rows=conversations(8, seed=5), optim="sgd",
+                           learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, **overrides)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    big = _one_update(tmp_path, "big", per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    acc = _one_update(tmp_path, "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    start = build_model(len(build_tokenizer())).double().state_dict()
+    assert any((big[k] - start[k]).abs().max() > 1e-3 for k in big)  # the update is not trivial
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- through real processes
+
+
+def _run(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"),
+           "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[:4]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _train_args(model_dir, data, out, **extra) -> list[str]:
+    args = {"model_name_or_path": model_dir, "dataset_name": data, "output_dir": out, "use_cpu": "true",
+            "report_to": "none", "disable_tqdm": "true", "logging_steps": "1", "seed": "11", **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model64_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny64")
+    tok = build_tokenizer()
+    build_model(len(tok)).double().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, model64_dir, chat_file):
+    common = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0,
+                  dtype="auto", save_strategy="no")
+    one = tmp_path / "one"
+    _run([sys.executable, str(SCRIPT), "ift", *_train_args(model64_dir, chat_file, one,
+                                                          per_device_train_batch_size=4, **common)])
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "ift",
+          *_train_args(model64_dir, chat_file, two, per_device_train_batch_size=2, **common)])
+    a, b = _weights(one), _weights(two)
+    start = load_file(str(model64_dir / "model.safetensors"))
+    assert any((a[k] - start[k]).abs().max() > 1e-3 for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, chat_file):
+    common = dict(max_steps=4, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                  lambda_schedule="linear", min_lambda=0.05, max_lambda=0.3, lambda_warmup_steps=3,
+                  lambda_disturb="normal", disturb_std=0.3)
+    full = tmp_path / "full"
+    _run([sys.executable, str(SCRIPT), "ift", *_train_args(tiny_model_dir, chat_file, full, **common)])
+    cut = tmp_path / "cut"
+    killed = _run([sys.executable, str(SCRIPT), "ift", "--kill_at_step", "2",
+                   *_train_args(tiny_model_dir, chat_file, cut, **common)], check=False)
+    assert killed.returncode == -9 and (cut / "checkpoint-2").is_dir() and not (cut / "model.safetensors").exists()
+    _run([sys.executable, "-m", "iftune.cli", "ift",
+          *_train_args(tiny_model_dir, chat_file, cut, resume_from_checkpoint=cut / "checkpoint-2", **common)])
+    a, b = _weights(full), _weights(cut)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
