@@ -531,3 +531,19 @@ def test_position_ids_broadcast_over_batch(model):
     full = ift_loss(model, ids, labels, position_ids=pos.expand(2, -1)).loss
     assert torch.allclose(broadcast, full, rtol=0, atol=1e-12)
     assert torch.allclose(broadcast, ift_loss(model, ids, labels).loss, rtol=0, atol=1e-12)
+
+
+def test_packed_rows_with_attention_mask_are_refused(model):
+    # With an attention mask, transformers ignores the restart in position_ids and attends
+    # across documents: a prediction would cross a document boundary.
+    ids, labels = batch(b=1, t=8)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        ift_loss(model, ids, labels, torch.ones_like(ids), position_ids=pos)
+    # Right padding whose position ids restart at 0 (TRL's return_position_ids) is not packing.
+    padded_pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    labels[0, 6:] = -100
+    plain = ift_loss(model, ids, labels, attention).loss
+    assert torch.allclose(ift_loss(model, ids, labels, attention, position_ids=padded_pos).loss, plain,
+                          rtol=0, atol=1e-12)

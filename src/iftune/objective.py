@@ -221,6 +221,10 @@ def ift_loss(
     if position_ids is not None:
         # Hugging Face takes (1, T) position ids for a whole batch; the per-row logic needs (B, T).
         position_ids = position_ids.expand_as(input_ids)
+        if attention_mask is not None and ((position_ids[:, 1:] == 0) & (attention_mask[:, 1:] != 0)).any():
+            # Transformers separates packed documents only when no attention mask is given.
+            raise UserError("attention_mask must be None for packed rows (position_ids restarting at 0): "
+                            "with a mask the model attends across documents")
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     table = embeddings if embeddings is not None else base.get_input_embeddings()
