@@ -1,0 +1,179 @@
+"""`iftune sft|ift|dpo|orpo` end to end on tiny local models and data, recipes, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from iftune import cli, train
+
+RECIPES = sorted((Path(train.__file__).parent / "recipes").glob("*/*.yaml"))
+RECIPES = [r for r in RECIPES if r.parent.name != "accelerate"]
+
+
+def run_cli(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def base_args(model_dir, data, out, steps=2, **extra) -> list[str]:
+    args = {"model_name_or_path": model_dir, "dataset_name": data, "output_dir": out, "max_steps": steps,
+            "per_device_train_batch_size": 2, "use_cpu": "true", "report_to": "none", "save_strategy": "no",
+            "disable_tqdm": "true", "logging_steps": 1, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("method", ["sft", "ift", "dpo", "orpo"])
+def test_each_method_trains_and_saves_a_loadable_model(method, tiny_model_dir, chat_file, preference_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = preference_file if method in ("dpo", "orpo") else chat_file
+    out = tmp_path / method
+    assert run_cli(method, *base_args(tiny_model_dir, data, out)) == 0
+    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
+    assert changed, "training did not change the weights"
+    assert state is None or state["global_step"] == 2
+
+
+def test_ift_lora_saves_an_adapter(tiny_model_dir, chat_file, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "lora"
+    assert run_cli("ift", *base_args(tiny_model_dir, chat_file, out, use_peft="true", lora_r=4, lora_alpha=8,
+                                     learning_rate=0.05), "--lora_target_modules", "q_proj", "v_proj") == 0
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it trained
+
+
+def test_preference_data_trains_sft_and_ift_on_chosen(preference_file):
+    from iftune.data import load_training_data
+
+    rows = [json.loads(line) for line in preference_file.read_text().splitlines()]
+    data = load_training_data([str(preference_file)], "ift")
+    assert data.column_names == ["messages"]
+    assert data[0]["messages"] == rows[0]["prompt"] + rows[0]["chosen"]
+
+
+def test_mixture_with_sample_counts(chat_file, tmp_path):
+    from iftune.data import load_training_data
+
+    other = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "dog"},
+                                                            {"role": "assistant", "content": f"cat {i}"}]}
+                                               for i in range(10)])
+    data = load_training_data([str(chat_file), str(other)], "sft", [-1, 3])
+    assert len(data) == 16 + 3
+    assert sum(r["messages"][0]["content"] == "dog" for r in data) == 3
+
+
+def test_packing_keeps_each_document_its_own(tiny_model_dir, chat_file, tmp_path):
+    """A packed batch gives the same IFT loss as its documents one by one: no prediction,
+    weight or normalisation crosses a document boundary."""
+    from iftune.objective import ift_loss
+
+    args = train.parse("ift", base_args(tiny_model_dir, chat_file, tmp_path / "p", packing="true",
+                                        max_length=64, per_device_train_batch_size=4, dtype="float32"))
+    trainer = train.build_trainer("ift", *args)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    pos = batch["position_ids"]
+    assert "attention_mask" not in batch and int((pos == 0).sum()) > 1
+    model = trainer.model.eval()
+    packed = ift_loss(model, batch["input_ids"], batch["labels"], position_ids=pos)
+    starts = (pos[0] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
+    per_doc = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        ids, lab = batch["input_ids"][:, a:b], batch["labels"][:, a:b]
+        if (lab[:, 1:] != -100).any():
+            per_doc.append(ift_loss(model, ids, lab).loss)
+    assert packed.n_sequences == len(per_doc)
+    assert packed.loss.item() == pytest.approx(torch.stack(per_doc).mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipes_parse_and_build(recipe, tiny_model_dir, chat_file, preference_file, tmp_path):
+    method = recipe.stem
+    data = preference_file if method in ("dpo", "orpo") else chat_file
+    argv = ["--config", str(recipe), *base_args(tiny_model_dir, data, tmp_path / "out", bf16="false",
+                                                 dtype="float32", gradient_checkpointing="false",
+                                                 dataset_train_split="train", dataset_num_samples=-1)]
+    data_args, training_args, model_args = train.parse(method, argv)
+    assert training_args.learning_rate > 0 and training_args.num_train_epochs == 3
+    if method == "ift":
+        assert (training_args.max_lambda, training_args.gamma, training_args.optim) == (0.2, 0.95, "rmsprop")
+    trainer = train.build_trainer(method, data_args, training_args, model_args)
+    assert type(trainer).__name__.lower().startswith(method)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+def expect_error(capsys, args, *fragments) -> str:
+    code = run_cli(*args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def test_malformed_json_line(capsys, tiny_model_dir, tmp_path, chat_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chat_file.read_text().splitlines()[0] + "\n{\"messages\": [oops\n")
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, bad, tmp_path / "o")], "bad.jsonl:2", "malformed JSON")
+
+
+def test_missing_fields(capsys, tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "q.jsonl", [{"question": "two plus two"}])
+    expect_error(capsys, ["sft", *base_args(tiny_model_dir, bad, tmp_path / "o")], "row 1", "messages")
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b"}])
+    expect_error(capsys, ["dpo", *base_args(tiny_model_dir, bad, tmp_path / "o")], "row 1", "rejected")
+
+
+def test_missing_file_and_model(capsys, tiny_model_dir, chat_file, tmp_path):
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o")],
+                 "nope.jsonl", "no such file")
+    expect_error(capsys, ["ift", *base_args(tmp_path / "no-model", chat_file, tmp_path / "o")], "no-model")
+
+
+def test_empty_completion(capsys, tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "the sky", "completion": "blue"},
+                                             {"prompt": "the cat", "completion": "  "}])
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, bad, tmp_path / "o")], "row 2", "completion", "empty")
+
+
+def test_over_long_prompt_is_dropped_not_nan(capsys, caplog, tiny_model_dir, chat_file, tmp_path):
+    rows = [json.loads(x) for x in chat_file.read_text().splitlines()]
+    rows[0]["messages"][0]["content"] = " ".join(["the"] * 80)
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING"):
+        assert run_cli("ift", *base_args(tiny_model_dir, data, out, max_length=32, steps=3)) == 0
+    assert "dropped 1 of 16 rows" in caplog.text
+    assert all(torch.isfinite(p).all() for p in __import__("safetensors.torch").torch.load_file(
+        str(out / "model.safetensors")).values())
+
+
+def test_unknown_method(capsys):
+    assert run_cli("ppo") == 2
+    assert "unknown command 'ppo'" in capsys.readouterr().err
+
+
+def test_bad_option_values(capsys, tiny_model_dir, chat_file, tmp_path):
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--max_lambda", "1.5"],
+                 "max_lambda", "[0, 1]")
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--norm", "L3"],
+                 "norm", "L1")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    expect_error(capsys, ["ift", "--config", tmp_path / "none.yaml"], "none.yaml")
