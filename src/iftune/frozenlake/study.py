@@ -205,17 +205,22 @@ def run_study(s: Settings, world: World | None = None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    """The stdout summary: final metrics per method, then the paired comparisons in param MSE."""
+    """The stdout summary: final metrics per method, then the paired comparisons in parameter
+    MSE and in KL (the two distances to the optimum, in parameter and in policy space)."""
     head = "| method | param MSE | KL(pi*‖pi) | success | rollout length | explored cells |"
     lines = [head, "|" + "---|" * 6]
     for name, m in results["methods"].items():
         cells = [f"{m[k]['mean']:.3g} ± {m[k]['std']:.2g}" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| pair (a vs b), param MSE | mean diff (a - b) | a better in | paired t |", "|---|---|---|---|"]
+    lines += ["", "| pair (a vs b) | MSE: mean diff (a - b) | MSE: a better in | MSE: paired t "
+              "| KL: mean diff | KL: a better in | KL: paired t |", "|" + "---|" * 7]
     for pair, stats in results["paired"].items():
-        p = stats["param_mse"]
-        t = "n/a" if p["t"] is None else f"{p['t']:.2f}"
-        lines.append(f"| {pair.replace('_vs_', ' vs ')} | {p['mean_diff']:.3g} | {p['win_rate']:.0%} of seeds | {t} |")
+        cells = []
+        for metric in ("param_mse", "kl"):
+            p = stats[metric]
+            t = "n/a" if p["t"] is None else f"{p['t']:.2f}"
+            cells += [f"{p['mean_diff']:.3g}", f"{p['win_rate']:.0%} of seeds", t]
+        lines.append(f"| {pair.replace('_vs_', ' vs ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -270,6 +275,7 @@ def run_sweep(s: Settings, progress=None) -> dict:
 
     For every setting and claimed pair (a, b): the share of seeds where a ends closer to theta*
     than b (parameter MSE); the claim holds in that setting when that share is above one half.
+    The same shares in KL(pi* || pi) are kept beside them.
     """
     t0 = time.perf_counter()
     world = make_world(s)
@@ -282,20 +288,24 @@ def run_sweep(s: Settings, progress=None) -> dict:
                 start = make_start(world, base, run.base_steps)
                 curves = {m: train_method(world, start, m, run, [0, *SWEEP_STEPS]) for m in run.methods}
                 for k, steps in enumerate(SWEEP_STEPS, 1):
-                    wins = {claim_name(a, b): paired(curves[a]["param_mse"][k], curves[b]["param_mse"][k],
-                                                     "param_mse")["win_rate"] for a, b in CLAIMS}
+                    wins, kl_wins = ({claim_name(a, b): paired(curves[a][m][k], curves[b][m][k], m)["win_rate"]
+                                      for a, b in CLAIMS} for m in ("param_mse", "kl"))
                     mse = {m: float(c["param_mse"][k].mean()) for m, c in curves.items()}
                     rows.append({"base": base, "optimizer": opt, "lr": lr, "steps": steps, "win_rate": wins,
-                                 "holds": {c: w > 0.5 for c, w in wins.items()}, "param_mse_mean": mse})
+                                 "holds": {c: w > 0.5 for c, w in wins.items()}, "param_mse_mean": mse,
+                                 "kl_win_rate": kl_wins, "kl_holds": {c: w > 0.5 for c, w in kl_wins.items()}})
                 if progress:
                     progress(f"sweep: base={base} optimizer={opt} lr={lr} done")
     claims = [claim_name(a, b) for a, b in CLAIMS]
     counts = {c: sum(r["holds"][c] for r in rows) for c in claims}
+    kl_counts = {c: sum(r["kl_holds"][c] for r in rows) for c in claims}
     full = sum(all(r["holds"][c] for c in claims[:3]) for r in rows)
+    kl_full = sum(all(r["kl_holds"][c] for c in claims[:3]) for r in rows)
     return {"settings": {k: v for k, v in asdict(s).items() if k not in ("base", "optimizer", "lr", "steps")},
             "grid": {"base": list(BASES), "optimizer": list(OPTIMIZERS),
                      "lr": {k: list(v) for k, v in SWEEP_LRS.items()}, "steps": list(SWEEP_STEPS)},
             "claims": claims, "rows": rows, "holds_count": counts, "full_order_count": full,
+            "kl_holds_count": kl_counts, "kl_full_order_count": kl_full,
             "n_settings": len(rows), "runtime_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -312,7 +322,10 @@ def sweep_markdown(sweep: dict) -> str:
     n = sweep["n_settings"]
     lines += ["", "Settings where each claim holds in the majority of seeds: "
               + ", ".join(f"{c} {k}/{n}" for c, k in sweep["holds_count"].items())
-              + f"; the full order DPO>IFT>ORPO>SFT: {sweep['full_order_count']}/{n}."]
+              + f"; the full order DPO>IFT>ORPO>SFT: {sweep['full_order_count']}/{n}.",
+              "", "The same claims in KL(pi*‖pi) instead of parameter MSE: "
+              + ", ".join(f"{c} {k}/{n}" for c, k in sweep["kl_holds_count"].items())
+              + f"; the full order: {sweep['kl_full_order_count']}/{n}."]
     return "\n".join(lines)
 
 
