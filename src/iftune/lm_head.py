@@ -78,6 +78,8 @@ def intuition_from_hidden(
         if intuition == "greedy" or (intuition == "rank" and k == 1):
             preds[sl] = logits.argmax(-1)
         elif intuition == "rank":
+            if k > logits.shape[-1]:
+                raise ValueError(f"intuition_k={k} is larger than the vocabulary ({logits.shape[-1]})")
             preds[sl] = logits.topk(k, dim=-1).indices[:, -1]
         else:  # sample
             probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)

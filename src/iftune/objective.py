@@ -236,9 +236,14 @@ def ift_loss(
     # The head runs only where a target is trained: prompts and padding cost no logits.
     head_kw = dict(scale=scale, softcap=softcap, chunk_size=chunk_size)
 
-    # Step 1: intuition pass, no graph kept.
+    # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference.
+    training = model.training
     with torch.no_grad():
-        hidden = _hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
+        model.eval()
+        try:
+            hidden = _hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
+        finally:
+            model.train(training)
         picked, tf_picked = intuition_from_hidden(
             hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
             temperature=float(temperature), generator=generator, **head_kw)

@@ -128,17 +128,16 @@ def task_manager_for(names: list[str], include: list[Path]):
 
 
 def task_specs(plan: dict[str, dict[str, Any]], manager, data_dir: str | None,
-               workdir: Path) -> list[str | dict[str, Any]]:
-    """lm-eval task specs: plain names, or one group of references to the registered YAMLs
-    with `num_fewshot` / `dataset_path` overridden (the YAMLs themselves are not rewritten)."""
+               workdir: Path) -> list:
+    """What lm-eval runs: plain task names, or tasks/groups built from lm-eval's registered
+    YAMLs with `num_fewshot` / `dataset_path` overridden (the YAMLs are not rewritten)."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir: {data_dir} is not a directory")
     index = manager.task_index
     leaves = {name: data_mod.leaf_configs(index, name) for name in plan}
     needed = data_mod.hub_datasets([leaf for group in leaves.values() for leaf in group])
     local = data_mod.resolve_local_data(needed, Path(data_dir) if data_dir else None, workdir)
-    specs: list[str | dict[str, Any]] = []
-    overridden: list[dict[str, Any]] = []
+    specs: list = []
     for name, overrides in plan.items():
         overrides = dict(overrides)
         paths = {cfg.get("dataset_path") for _, cfg in leaves[name]} & set(local)
@@ -150,13 +149,24 @@ def task_specs(plan: dict[str, dict[str, Any]], manager, data_dir: str | None,
         if not overrides:
             specs.append(name)
         else:
-            key = "group" if index[name].kind.name == "GROUP" else "task"
-            overridden.append({key: name, **overrides})
-    if overridden:
-        # a group entry that references registered tasks is how lm-eval applies per-task
-        # overrides on top of its own YAMLs
-        specs.append({"group": "iftune_overrides", "task": overridden})
+            built = build_with_overrides(manager, name, overrides)
+            specs += built if isinstance(built, list) else [built]
     return specs
+
+
+def build_with_overrides(manager, name: str, overrides: dict[str, Any]):
+    """Task, Group or list of Tasks (a tag) for `name`, with `overrides` applied to every
+    task under it, the way lm-eval applies a group file's settings to its members.
+
+    lm-eval's public specs cannot do this for groups (an inline dict group leaks its own
+    `task:` list into nested groups such as mmlu), so this uses the TaskManager's factory.
+    """
+    factory = getattr(manager, "_factory", None)
+    if factory is None:
+        raise UserError("--tasks leaderboard / --data-dir / --num-fewshot need "
+                        "lm-eval >= 0.4.13 (pip install -U 'lm-eval[hf]')")
+    return factory.build(manager.task_index[name], overrides=overrides,
+                         registry=manager.task_index)
 
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
