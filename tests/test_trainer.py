@@ -181,3 +181,31 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, chat_
     a, b = _weights(full), _weights(cut)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_frozen_intuition_embeddings_leave_the_input_table_untrained(tmp_path):
+    """The reference mixes embeddings from a frozen copy: an untied model's input table never trains."""
+    def embed_change(mode: str) -> float:
+        tok = build_tokenizer()
+        model = build_model(len(tok))
+        start = model.get_input_embeddings().weight.detach().clone()
+        trainer = make_trainer(tmp_path / mode, model=model, intuition_embeddings=mode, learning_rate=0.1,
+                               per_device_train_batch_size=4)
+        trainer.train()
+        return (trainer.model.get_input_embeddings().weight - start).abs().max().item()
+
+    assert embed_change("frozen") == 0.0
+    assert embed_change("live") > 1e-4
+
+
+def test_sampled_intuition_and_evaluation(tmp_path):
+    rows = conversations(8)
+    tok = build_tokenizer()
+    trainer = IFTTrainer(model=build_model(len(tok)), processing_class=tok, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows[:4]),
+                         args=IFTConfig(**{**CPU, "output_dir": str(tmp_path), "max_steps": 2,
+                                           "intuition": "sample", "intuition_temperature": 0.7,
+                                           "per_device_train_batch_size": 4}))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and "eval_sft_loss" in metrics

@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
     "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
     "bench": ("iftune.benchmarks.trainers", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
-    "selfcheck": ("iftune.selfcheck", "main", "one-line numerical check of the IFT objective"),
 }
 
 
