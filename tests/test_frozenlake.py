@@ -172,6 +172,7 @@ def test_sweep_writes_a_robustness_map(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("desc, what", [
     ("SFF/HHH/FFG", "no route"),
+    ("/".join(["SFFFFFFF"] + ["FFFFFFFF"] * 5 + ["FFFFFFHH", "FFFFFFHG"]), "no route"),  # open, G walled off
     ("SFF/HHF/FFG", "only one route"),
     ("SFF/FFF/FFG", "more than two routes"),
     ("SFF/FHF/FFG", "both routes take 4 steps"),

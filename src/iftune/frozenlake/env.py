@@ -109,9 +109,14 @@ def build_lake(desc: tuple[str, ...]) -> Lake:
     return lake
 
 
-def find_routes(lake: Lake, limit: int = 3) -> list[list[int]]:
-    """The simple hole-free routes S -> G (depth-first, stops after `limit`); exactly two or UserError."""
+def find_routes(lake: Lake, limit: int = 3, budget: int = 200_000) -> list[list[int]]:
+    """The simple hole-free routes S -> G (depth-first, stops after `limit`); exactly two or UserError.
+
+    `budget` bounds the cells the search may step on: an open map has exponentially many
+    simple paths, and one with more than two routes is refused anyway."""
+    shape = "/".join(lake.desc)
     found: list[list[int]] = []
+    left = [budget]
 
     def walk(path: list[int]) -> None:
         s = path[-1]
@@ -122,12 +127,18 @@ def find_routes(lake: Lake, limit: int = 3) -> list[list[int]]:
             s2 = int(lake.transitions[s, a])
             if len(found) >= limit or s2 in path or (lake.terminal[s2] and s2 != lake.goal):
                 continue
+            left[0] -= 1
+            if left[0] < 0:
+                raise UserError(f"map {shape!r} is too open to list its routes; the study needs "
+                                "exactly two simple hole-free routes (one optimal, one sub-optimal)")
             path.append(s2)
             walk(path)
             path.pop()
 
-    walk([lake.start])
-    shape = "/".join(lake.desc)
+    if lake.n_states > 400:
+        raise UserError(f"map {shape!r} has {lake.n_states} cells; expected at most 400")
+    if _reachable(lake):
+        walk([lake.start])
     if len(found) != 2:
         what = "no route" if not found else ("only one route" if len(found) == 1 else "more than two routes")
         raise UserError(f"map {shape!r} has {what} from S to G; the study needs exactly two simple "
@@ -137,6 +148,18 @@ def find_routes(lake: Lake, limit: int = 3) -> list[list[int]]:
         raise UserError(f"map {shape!r}: both routes take {len(found[0]) - 1} steps; "
                         "the study needs one shorter (optimal) route")
     return found
+
+
+def _reachable(lake: Lake) -> bool:
+    """Whether G can be reached from S without stepping into a hole (breadth-first)."""
+    seen, frontier = {lake.start}, [lake.start]
+    while frontier:
+        s = frontier.pop()
+        for s2 in map(int, lake.transitions[s]):
+            if s2 not in seen and (not lake.terminal[s2] or s2 == lake.goal):
+                seen.add(s2)
+                frontier.append(s2)
+    return lake.goal in seen
 
 
 def value_iteration(lake: Lake, discount: float = 0.9, tol: float = 1e-12) -> np.ndarray:

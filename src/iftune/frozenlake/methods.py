@@ -9,7 +9,7 @@ where a_i is the action from s_i to s_{i+1}: the state is the "token", the actio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -134,9 +134,9 @@ def reference_terms(start: Params, task: Task) -> dict:
 def loss_fn(method: str, hp: Hyper) -> Callable[[Params, Task, dict], LossOut]:
     """The loss of a method name; the IFT ablations are IFT with one option changed."""
     if method == "ift-mix":  # mixing only, no relation propagation
-        hp = Hyper(**{**hp.__dict__, "gamma": 0.0})
+        hp = replace(hp, gamma=0.0)
     elif method == "ift-count":  # eq. 22 read literally: weights count the later positions
-        hp = Hyper(**{**hp.__dict__, "propagation": "mask"})
+        hp = replace(hp, propagation="mask")
     fn = {"sft": sft_loss, "ift": ift_loss, "ift-mix": ift_loss, "ift-count": ift_loss,
           "dpo": dpo_loss, "orpo": orpo_loss}[method]
     return lambda params, task, ref: fn(params, task, hp, ref)
