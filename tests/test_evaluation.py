@@ -230,35 +230,90 @@ def test_hub_only_task_offline_names_dataset_before_model_load(env, tmp_path, ca
     assert "allenai/ai2_arc" in err and "--data-dir DIR" in err and "no-such-model" not in err
 
 
-def fake_arc(data_dir: Path) -> None:
-    """ARC-Challenge laid out as on the hub (parquet per split, no README), labels A-D and 1-4."""
+def write_parquet(root: Path, repo: str, config: str, splits: list[str], rows: list[dict]):
     import pandas as pd
 
-    folder = data_dir / "allenai" / "ai2_arc" / "ARC-Challenge"
-    folder.mkdir(parents=True)
-    texts = ["A", GOLD, "C", WRONG]
-    rows = [{"id": f"q{i}", "question": q, "answerKey": key,
-             "choices": {"text": texts, "label": labels}}
-            for i, q in enumerate(["which is the sky ?", "which is red ?", "is the sun ?"])
-            for labels, key in [(list("ABCD"), "B"), (list("1234"), "2")]]
-    for split in ("train", "validation", "test"):
+    folder = root / repo / config
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
         pd.DataFrame(rows).to_parquet(folder / f"{split}-00000-of-00001.parquet")
 
 
-def test_data_dir_serves_lm_eval_arc_and_arc_gen(env, tmp_path, monkeypatch):
+def fake_hub(root: Path, mmlu_subjects: list[str]) -> Path:
+    """The six leaderboard data sets laid out as on the hub (parquet per split, no README).
+
+    Every gold answer is the letter/word GOLD, rows differ (few-shot sampling skips the doc
+    itself); ARC mixes A-D and 1-4 labels like the real set.
+    """
+    arc = [{"id": f"q{i}", "question": f"which is red {i} ?", "answerKey": key,
+            "choices": {"text": ["A", GOLD, "C", WRONG], "label": labels}}
+           for i in range(13) for labels, key in [(list("ABCD"), "B"), (list("1234"), "2")]]
+    write_parquet(root, "allenai/ai2_arc", "ARC-Challenge", ["train", "validation", "test"], arc)
+    for subject in mmlu_subjects:
+        write_parquet(root, "cais/mmlu", subject, ["test", "dev", "validation"],
+                      [{"question": f"which is red {i} ?", "subject": subject,
+                        "choices": ["A", GOLD, "C", WRONG], "answer": 1} for i in range(5)])
+    targets = {"choices": [GOLD, WRONG], "labels": [1, 0]}
+    write_parquet(root, "truthfulqa/truthful_qa", "multiple_choice", ["validation"],
+                  [{"question": f"is the sun blue {i} ?", "mc1_targets": targets,
+                    "mc2_targets": targets} for i in range(2)])
+    write_parquet(root, "allenai/winogrande", "winogrande_xl", ["train", "validation", "test"],
+                  [{"sentence": f"the sky {i} is _ blue .", "option1": GOLD, "option2": WRONG,
+                    "answer": "1"} for i in range(6)])
+    write_parquet(root, "openai/gsm8k", "main", ["train", "test"],
+                  [{"question": f"which is red {i} ?", "answer": "it is #### 4"}
+                   for i in range(6)])
+    return root
+
+
+def test_leaderboard_from_data_dir(env, tmp_path, monkeypatch):
+    """`--tasks leaderboard` offline: lm-eval's own YAMLs (mmlu is a nested group) and ARC-Gen
+    read the local copies, with the paper's shots, chat template and multi-turn few-shot."""
+    from iftune.evaluation.run import task_manager_for
+
     monkeypatch.setattr(data_mod, "in_cache", lambda path: False)
-    fake_arc(tmp_path / "hub")
+    index = task_manager_for(["mmlu"], [env["tasks"]]).task_index
+    subjects = sorted({cfg["dataset_name"] for _, cfg in data_mod.leaf_configs(index, "mmlu")})
+    assert len(subjects) == 57
+    hub = fake_hub(tmp_path / "hub", subjects)
     out = tmp_path / "out"
-    code = run_eval(env, out, "--data-dir", str(tmp_path / "hub"), "--num-fewshot", "1",
-                    tasks="arc_challenge,arc_gen")
-    assert code == 0
-    assert scores(out) == {"arc_challenge": 1.0, "arc_gen": 1.0}
-    header = (out / "results.md").read_text().splitlines()[0]
-    assert header == "| Model | ARC | ARC-Gen | Avg. |"
-    prompt = logged_prompts(out, "arc_gen")[1]  # an item whose labels were 1-4
-    assert "A . A" in prompt or "A. A" in prompt
+    assert run_eval(env, out, "--data-dir", str(hub), "--limit", "2", tasks="leaderboard") == 0
+    got = scores(out)
+    # the stub always says GOLD: right on every multiple-choice set and on ARC-Gen, while
+    # GSM8K wants "#### 4"; TruthfulQA's mc2 is a probability mass, not a 0/1 count
+    assert {t: v for t, v in got.items() if t not in ("gsm8k", "truthfulqa_mc2")} == {
+        "arc_challenge": 1.0, "arc_gen": 1.0, "mmlu": 1.0, "winogrande": 1.0}
+    assert got["gsm8k"] == 0.0 and got["truthfulqa_mc2"] == pytest.approx(1.0, abs=1e-6)
+    results = json.loads(next(out.glob("results_*.json")).read_text())
+    shots = {t: results["configs"][t]["num_fewshot"] for t in
+             ["arc_challenge", "arc_gen", "mmlu_anatomy", "truthfulqa_mc2", "winogrande", "gsm8k"]}
+    assert shots == {"arc_challenge": 25, "arc_gen": 25, "mmlu_anatomy": 5,
+                     "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5}
+    assert results["fewshot_as_multiturn"] is True and results["chat_template"] == CHAT_TEMPLATE
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| Model | ARC | ARC-Gen | MMLU | TruthfulQA | WinoGrande | GSM8K | Avg. |"
+    assert table[2] == "| right | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 | 0.00 | 83.33 |"
+    # ARC-Gen: options relabelled A, B, ... in the prompt (item 1 had labels 1-4), gold = B
+    prompt = logged_prompts(out, "arc_gen")[1]
+    assert prompt.count("<|user|>") == 26
+    assert prompt.endswith("\nA. A\nB. B\nC. C\nD. D\nAnswer with the letter of the correct "
+                           "option.\nAnswer: <|end|> <|assistant|>")
     samples = [json.loads(s) for s in next(out.glob("samples_arc_gen_*.jsonl")).open()]
+    assert [s["doc"]["answerKey"] for s in samples] == ["B", "2"]
     assert {s["target"] for s in samples} == {GOLD}
+
+
+def test_hub_snapshot_with_readme_is_used_as_is(tmp_path):
+    root = tmp_path / "allenai" / "ai2_arc"
+    (root / "ARC-Challenge").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: ARC-Challenge\n---\n")
+    need = data_mod.HubData("allenai/ai2_arc", {"ARC-Challenge"}, ["arc_gen"])
+    assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path, tmp_path) == {
+        "allenai/ai2_arc": str(root.resolve())}
+    empty = data_mod.HubData("x/y", {"main"}, ["t"])
+    (tmp_path / "x" / "y" / "main").mkdir(parents=True)
+    with pytest.raises(data_mod.UserError, match="no data files"):
+        data_mod.resolve_local_data({"x/y": empty}, tmp_path, tmp_path)
 
 
 def test_generate_writes_alpaca_eval_records(env, tmp_path):
