@@ -20,7 +20,7 @@ from iftune import cli  # noqa: E402
 from iftune.errors import UserError  # noqa: E402
 from iftune.frozenlake import policy, study  # noqa: E402
 from iftune.frozenlake.env import MAPS, build_lake, greedy_route, parse_map, target_policy, value_iteration  # noqa: E402
-from iftune.frozenlake.methods import METHODS, Hyper, Task, intuited_states, loss_fn, reference_terms  # noqa: E402
+from iftune.frozenlake.methods import METHODS, Hyper, intuited_states, loss_fn, reference_terms  # noqa: E402
 
 torch.set_num_threads(1)
 

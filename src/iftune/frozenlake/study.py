@@ -17,7 +17,7 @@ import torch
 from iftune.frozenlake import policy
 from iftune.frozenlake.env import (DEFAULT_MAP, Lake, Roller, build_lake, parse_map, target_policy,
                                    value_iteration)
-from iftune.frozenlake.methods import METHODS, Hyper, Task, loss_fn, reference_terms
+from iftune.frozenlake.methods import METHODS, Hyper, Task, loss_fn, reference_terms, route_logps
 
 BASES = ("init", "subopt", "uniform")
 OPTIMIZERS = ("sgd", "adam")
@@ -104,11 +104,10 @@ def make_start(world: World, base: str, base_steps: int) -> policy.Params:
         t = world.task
         params = policy.clone(world.theta0, requires_grad=True)
         opt = torch.optim.Adam(params, lr=0.01)
-        x = policy.one_hot(t.rejected, t.n_states).expand(params[0].shape[0], -1, -1)
         for _ in range(base_steps):
-            lp = policy.log_probs(params, x).gather(-1, t.rejected_actions.expand(x.shape[0], -1)[..., None])
+            lp = route_logps(params, t.rejected, t.rejected_actions, t.n_states)
             opt.zero_grad(set_to_none=True)
-            (-lp.mean((1, 2))).sum().backward()
+            (-lp.mean(-1)).sum().backward()
             opt.step()
         start = policy.clone(params)
     world.starts[key] = start
