@@ -138,6 +138,18 @@ metric_list:
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keep the arrow files `datasets` builds, and our mirrors, out of the user's folders."""
+    import datasets
+
+    saved = datasets.config.HF_DATASETS_CACHE, data_mod.MIRRORS
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets-cache")
+    data_mod.MIRRORS = tmp_path_factory.mktemp("mirrors")
+    yield
+    datasets.config.HF_DATASETS_CACHE, data_mod.MIRRORS = saved
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalenv")
@@ -206,11 +218,13 @@ def test_lora_adapter_is_applied(env, tmp_path):
 
 
 def test_no_chat_template_gives_plain_prompts(env, tmp_path):
-    assert run_eval(env, tmp_path, "--no-chat-template", model="plain", tasks="tiny_gen") == 0
+    assert run_eval(env, tmp_path, "--no-chat-template", "--num-fewshot", "1", model="plain",
+                    tasks="tiny_gen") == 0
     assert scores(tmp_path) == {"tiny_gen": 1.0}
     prompts = logged_prompts(tmp_path, "tiny_gen")
     assert prompts and not any("<|" in p for p in prompts)
-    assert all(p.startswith("Question:") and p.count("Question:") == 3 for p in prompts)
+    # one few-shot example (the YAML's 2 overridden), in the same plain-text prompt
+    assert all(p.startswith("Question:") and p.count("Question:") == 2 for p in prompts)
 
 
 def test_tokenizer_without_template_is_a_one_line_error(env, tmp_path, capsys):
@@ -218,6 +232,11 @@ def test_tokenizer_without_template_is_a_one_line_error(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no chat template" in err and "--no-chat-template" in err
     assert not (tmp_path / "summary.json").exists()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["which is red ?"]')
+    assert cli.main(["generate", "--model", str(env["plain"]), "--prompts", str(prompts),
+                     "--output", str(tmp_path / "o.json")]) == 2
+    assert "no chat template" in capsys.readouterr().err
 
 
 def test_hub_only_task_offline_names_dataset_before_model_load(env, tmp_path, capsys,
@@ -308,22 +327,23 @@ def test_hub_snapshot_with_readme_is_used_as_is(tmp_path):
     (root / "ARC-Challenge").mkdir(parents=True)
     (root / "README.md").write_text("---\nconfigs:\n- config_name: ARC-Challenge\n---\n")
     need = data_mod.HubData("allenai/ai2_arc", {"ARC-Challenge"}, ["arc_gen"])
-    assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path, tmp_path) == {
+    assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path) == {
         "allenai/ai2_arc": str(root.resolve())}
     empty = data_mod.HubData("x/y", {"main"}, ["t"])
     (tmp_path / "x" / "y" / "main").mkdir(parents=True)
     with pytest.raises(data_mod.UserError, match="no data files"):
-        data_mod.resolve_local_data({"x/y": empty}, tmp_path, tmp_path)
+        data_mod.resolve_local_data({"x/y": empty}, tmp_path, tmp_path / "mirrors")
 
 
-def test_generate_writes_alpaca_eval_records(env, tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.7", "--top-p", "0.9"]])
+def test_generate_writes_alpaca_eval_records(env, tmp_path, sampling):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": "which is red ?", "dataset": "tiny"},
                                    "is the sun blue ?", "which is the sea ?"]))
     out = tmp_path / "outputs.json"
     code = cli.main(["generate", "--model", str(env["right"]), "--prompts", str(prompts),
                      "--output", str(out), "--max-new-tokens", "2", "--batch-size", "2",
-                     "--device", "cpu"])
+                     "--device", "cpu", *sampling])
     assert code == 0
     rows = json.loads(out.read_text())
     assert [r["instruction"] for r in rows] == ["which is red ?", "is the sun blue ?",
@@ -334,7 +354,7 @@ def test_generate_writes_alpaca_eval_records(env, tmp_path):
 
 
 def test_leaderboard_plan_has_the_papers_shots():
-    plan = task_plan("leaderboard", None)
+    plan = task_plan("leaderboard")
     assert plan == {"arc_challenge": {"num_fewshot": 25}, "arc_gen": {"num_fewshot": 25},
                     "mmlu": {"num_fewshot": 5}, "truthfulqa_mc2": {"num_fewshot": 0},
                     "winogrande": {"num_fewshot": 5}, "gsm8k": {"num_fewshot": 5}}

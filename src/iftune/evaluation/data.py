@@ -9,6 +9,7 @@ absolute `dataset_path` override: lm-eval's own YAMLs are reused, only the data 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -23,6 +24,8 @@ from iftune.errors import UserError
 PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow", "pandas"}
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow")
 # "test-00000-of-00001.parquet" -> "test"; "validation.jsonl" -> "validation"
+# Mirrors get a stable path per local copy, so `datasets` reuses the arrow files it prepared.
+MIRRORS = Path(tempfile.gettempdir()) / "iftune-data-mirrors"
 SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?\.(parquet|jsonl?|csv|arrow)$")
 
 
@@ -114,7 +117,7 @@ def _example_layout(data: HubData) -> str:
 
 
 def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
-                       workdir: Path) -> dict[str, str]:
+                       mirrors: Path | None = None) -> dict[str, str]:
     """Map hub path -> absolute local `dataset_path` for every data set copied under `data_dir`.
 
     Raises UserError (one line) for data sets that are neither copied nor reachable.
@@ -124,7 +127,7 @@ def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
     for path, data in needed.items():
         root = local_copy(data_dir, path) if data_dir else None
         if root is not None:
-            overrides[path] = str(loadable_root(root, data, workdir))
+            overrides[path] = str(loadable_root(root, data, mirrors))
         elif not in_cache(path):
             missing.append(data)
     if missing and hub_offline():
@@ -137,7 +140,7 @@ def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
     return overrides
 
 
-def loadable_root(root: Path, data: HubData, workdir: Path) -> Path:
+def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Path:
     """A directory `datasets.load_dataset(dir, config)` can read for every config in `data`.
 
     A hub snapshot carries a README.md that declares its configs; a plain copy of the parquet
@@ -151,15 +154,22 @@ def loadable_root(root: Path, data: HubData, workdir: Path) -> Path:
         folders = {c: root / c for c in sorted(wanted)}
     else:
         folders = {"default": root / "data" if (root / "data").is_dir() else root}
-    mirror = Path(tempfile.mkdtemp(prefix=root.name + "-", dir=workdir))
+    key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    mirror = (mirrors or MIRRORS) / key / root.name
+    mirror.mkdir(parents=True, exist_ok=True)
     lines = ["---", "configs:"]
     for config, folder in folders.items():
         splits = _split_files(folder, data)
-        (mirror / config).symlink_to(folder, target_is_directory=True)
+        link = mirror / config
+        if not link.is_symlink():
+            link.symlink_to(folder, target_is_directory=True)
         lines.append(f"- config_name: {config}\n  data_files:")
         lines += [f"  - split: {split}\n    path: \"{config}/{glob}\""
                   for split, glob in sorted(splits.items())]
-    (mirror / "README.md").write_text("\n".join(lines + ["---", ""]))
+    # write-then-rename: a concurrent run never reads half a README
+    staging = mirror / f".README.{os.getpid()}"
+    staging.write_text("\n".join(lines + ["---", ""]))
+    staging.replace(mirror / "README.md")
     return mirror
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -61,19 +60,41 @@ def main(argv: list[str]) -> int:
         return run_compare(args.compare, args.output_dir)
     if not args.model:
         raise UserError("--model is required (or use --compare DIR1 DIR2 ...)")
+    _check_counts(args)
     chat = not args.no_chat_template
-    plan = task_plan(args.tasks, args.num_fewshot)
+    plan = task_plan(args.tasks)
     out = Path(args.output_dir or Path("eval") / Path(args.model.rstrip("/")).name)
     manager = task_manager_for(list(plan), [Path(p) for p in args.include_path])
-    with tempfile.TemporaryDirectory(prefix="iftune-eval-") as workdir:
-        specs = task_specs(plan, manager, args.data_dir, Path(workdir))
-        tokenizer_src = tokenizer_source(args.model, args.adapter)
-        if chat:
-            check_chat_template(tokenizer_src)
-        tracker = make_tracker(out)
-        results = evaluate(args, specs, manager, tokenizer_src, chat, tracker)
-    write_outputs(out, results, tracker, list(plan), args.model, args.adapter)
+    leaves = {name: data_mod.leaf_configs(manager.task_index, name) for name in plan}
+    specs = task_specs(plan, leaves, manager, args.data_dir)
+    tokenizer_src = tokenizer_source(args.model, args.adapter)
+    if chat:
+        check_chat_template(tokenizer_src)
+    tracker = make_tracker(out)
+    results = evaluate(args, specs, manager, tokenizer_src, chat, tracker)
+    names = summary_names(leaves, results)
+    write_outputs(out, results, tracker, names, args.model, args.adapter)
     return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit: expected a count >= 1 or a fraction in (0, 1), "
+                        f"got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot: expected a count >= 0, got {args.num_fewshot}")
+    if args.batch_size != "auto" and (not args.batch_size.isdigit() or int(args.batch_size) < 1):
+        raise UserError(f"--batch-size: expected a positive integer or `auto`, "
+                        f"got {args.batch_size!r}")
+
+
+def summary_names(leaves: dict[str, list[tuple[str, dict]]], results: dict[str, Any]) -> list[str]:
+    """The requested tasks and groups; a tag has no score of its own, so its tasks stand in."""
+    scored = {**results.get("results", {}), **results.get("groups", {})}
+    names: list[str] = []
+    for name, members in leaves.items():
+        names += [name] if name in scored else [t for t, _ in members if t in scored]
+    return names
 
 
 def run_compare(run_dirs: list[str], output_dir: str | None) -> int:
@@ -85,7 +106,7 @@ def run_compare(run_dirs: list[str], output_dir: str | None) -> int:
     return 0
 
 
-def task_plan(tasks: str, num_fewshot: int | None) -> dict[str, dict[str, Any]]:
+def task_plan(tasks: str) -> dict[str, dict[str, Any]]:
     """task name -> config overrides; `leaderboard` expands to the paper's columns and shots."""
     plan: dict[str, dict[str, Any]] = {}
     for name in (t.strip() for t in tasks.split(",")):
@@ -95,11 +116,6 @@ def task_plan(tasks: str, num_fewshot: int | None) -> dict[str, dict[str, Any]]:
             plan.setdefault(name, {})
     if not plan:
         raise UserError("--tasks: expected `leaderboard` or comma-separated task names")
-    if num_fewshot is not None:
-        if num_fewshot < 0:
-            raise UserError(f"--num-fewshot: expected a count >= 0, got {num_fewshot}")
-        for overrides in plan.values():
-            overrides["num_fewshot"] = num_fewshot
     return plan
 
 
@@ -127,16 +143,14 @@ def task_manager_for(names: list[str], include: list[Path]):
     return manager
 
 
-def task_specs(plan: dict[str, dict[str, Any]], manager, data_dir: str | None,
-               workdir: Path) -> list:
+def task_specs(plan: dict[str, dict[str, Any]], leaves: dict[str, list[tuple[str, dict]]],
+               manager, data_dir: str | None) -> list:
     """What lm-eval runs: plain task names, or tasks/groups built from lm-eval's registered
     YAMLs with `num_fewshot` / `dataset_path` overridden (the YAMLs are not rewritten)."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir: {data_dir} is not a directory")
-    index = manager.task_index
-    leaves = {name: data_mod.leaf_configs(index, name) for name in plan}
     needed = data_mod.hub_datasets([leaf for group in leaves.values() for leaf in group])
-    local = data_mod.resolve_local_data(needed, Path(data_dir) if data_dir else None, workdir)
+    local = data_mod.resolve_local_data(needed, Path(data_dir) if data_dir else None)
     specs: list = []
     for name, overrides in plan.items():
         overrides = dict(overrides)
@@ -163,7 +177,7 @@ def build_with_overrides(manager, name: str, overrides: dict[str, Any]):
     """
     factory = getattr(manager, "_factory", None)
     if factory is None:
-        raise UserError("--tasks leaderboard / --data-dir / --num-fewshot need "
+        raise UserError("--tasks leaderboard and --data-dir need "
                         "lm-eval >= 0.4.13 (pip install -U 'lm-eval[hf]')")
     return factory.build(manager.task_index[name], overrides=overrides,
                          registry=manager.task_index)
@@ -195,7 +209,7 @@ def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str,
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    batch = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size)
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     try:
         lm = HFLM(pretrained=args.model, peft=args.adapter, tokenizer=tokenizer_src,
                   batch_size=batch, device=args.device or "cuda", dtype=args.dtype)
@@ -207,17 +221,12 @@ def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str,
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     results = lm_eval.simple_evaluate(
         model=lm, model_args={"pretrained": args.model, "peft": args.adapter},
-        tasks=specs, task_manager=manager, limit=limit, log_samples=True,
+        tasks=specs, task_manager=manager, limit=limit, num_fewshot=args.num_fewshot,
+        log_samples=True,
         apply_chat_template=chat, fewshot_as_multiturn=chat,
         random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
         fewshot_random_seed=args.seed, evaluation_tracker=tracker)
     return results
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"--batch-size: expected a positive integer or `auto`, got {text!r}")
-    return int(text)
 
 
 def make_tracker(out: Path):
