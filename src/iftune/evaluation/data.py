@@ -134,7 +134,7 @@ def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
         names = "; ".join(f"{d.path} (task {', '.join(sorted(set(d.tasks))[:3])}"
                           f"{', ...' if len(set(d.tasks)) > 3 else ''})" for d in missing)
         where = f"not under --data-dir {data_dir}" if data_dir else "not in the local cache"
-        raise UserError(f"the hub is not reachable and data set {names} is {where}; "
+        raise UserError(f"the hub is offline or unreachable and data set {names} is {where}; "
                         f"pass --data-dir DIR with a copy laid out as on the hub "
                         f"(e.g. DIR/{_example_layout(missing[0])})")
     return overrides
