@@ -51,14 +51,14 @@ class BaseSpec:
     """Everything that determines the base model; its hash names the cache folder."""
 
     hidden_size: int = 128
-    num_hidden_layers: int = 4
-    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    intermediate_size: int = 512
     num_attention_heads: int = 4
     max_position_embeddings: int = 128
     corpus_docs: int = 20000
     block_size: int = 64
     batch_size: int = 32
-    pretrain_steps: int = 400
+    pretrain_steps: int = 500
     learning_rate: float = 3e-3
     seed: int = 0
 

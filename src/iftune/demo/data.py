@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPS = ("+", "-", "*")
+OPERANDS = (1, 2, 3)  # right-hand numbers: a table of 90 facts a tiny model learns in seconds
 MODULUS = 10
 # Chains the fine-tuning set and the held-out set use; pre-training sees only shorter ones.
-TASK_MIN_STEPS, TASK_MAX_STEPS = 4, 6
+TASK_MIN_STEPS, TASK_MAX_STEPS = 4, 8
 PRETRAIN_MAX_STEPS = 3
 DATA_SEED = 1234  # fixed: the data set is part of the demo, not of a run's seed
 
@@ -65,7 +66,7 @@ def solution(problem: Problem) -> str:
 
 def random_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
     n = rng.randint(min_steps, max_steps)
-    ops = tuple((rng.choice(OPS), rng.randrange(MODULUS)) for _ in range(n))
+    ops = tuple((rng.choice(OPS), rng.choice(OPERANDS)) for _ in range(n))
     return Problem(rng.randrange(MODULUS), ops)
 
 
@@ -111,7 +112,7 @@ def pretraining_corpus(n_docs: int, seed: int) -> list[str]:
         if i % 2 == 0:
             facts = []
             for _ in range(rng.randint(4, 8)):
-                a, op, b = rng.randrange(MODULUS), rng.choice(OPS), rng.randrange(MODULUS)
+                a, op, b = rng.randrange(MODULUS), rng.choice(OPS), rng.choice(OPERANDS)
                 facts.append(f"{a} {op} {b} = {apply(op, a, b)}")
             docs.append(" ; ".join(facts))
         else:
