@@ -322,17 +322,29 @@ def test_leaderboard_from_data_dir(env, tmp_path, monkeypatch):
     assert {s["target"] for s in samples} == {GOLD}
 
 
-def test_hub_snapshot_with_readme_is_used_as_is(tmp_path):
+def test_local_copy_layouts(tmp_path):
+    """A hub snapshot (README declares configs) is used as is; a plain JSON copy gets a
+    mirror that `datasets` reads by config name; an empty config folder is a clear error."""
+    import datasets
+
     root = tmp_path / "allenai" / "ai2_arc"
     (root / "ARC-Challenge").mkdir(parents=True)
     (root / "README.md").write_text("---\nconfigs:\n- config_name: ARC-Challenge\n---\n")
     need = data_mod.HubData("allenai/ai2_arc", {"ARC-Challenge"}, ["arc_gen"])
     assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path) == {
         "allenai/ai2_arc": str(root.resolve())}
+    copy = tmp_path / "gsm8k" / "main"  # DIR/<name> without the org also counts
+    copy.mkdir(parents=True)
+    write_jsonl(copy / "test.jsonl", [{"question": "q1", "answer": "1"}])
+    write_jsonl(copy / "train.jsonl", [{"question": "q2", "answer": "2"}] * 2)
+    need = data_mod.HubData("openai/gsm8k", {"main"}, ["gsm8k"])
+    local = data_mod.resolve_local_data({"openai/gsm8k": need}, tmp_path)["openai/gsm8k"]
+    loaded = datasets.load_dataset(local, "main")
+    assert loaded["test"]["question"] == ["q1"] and loaded["train"].num_rows == 2
     empty = data_mod.HubData("x/y", {"main"}, ["t"])
     (tmp_path / "x" / "y" / "main").mkdir(parents=True)
     with pytest.raises(data_mod.UserError, match="no data files"):
-        data_mod.resolve_local_data({"x/y": empty}, tmp_path, tmp_path / "mirrors")
+        data_mod.resolve_local_data({"x/y": empty}, tmp_path)
 
 
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.7", "--top-p", "0.9"]])

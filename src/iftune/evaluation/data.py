@@ -23,9 +23,9 @@ from iftune.errors import UserError
 # `datasets` builders that read local files named in `dataset_kwargs`: nothing to fetch.
 PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow", "pandas"}
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow")
-# "test-00000-of-00001.parquet" -> "test"; "validation.jsonl" -> "validation"
 # Mirrors get a stable path per local copy, so `datasets` reuses the arrow files it prepared.
 MIRRORS = Path(tempfile.gettempdir()) / "iftune-data-mirrors"
+# "test-00000-of-00001.parquet" -> "test"; "validation.jsonl" -> "validation"
 SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?\.(parquet|jsonl?|csv|arrow)$")
 
 
@@ -53,7 +53,10 @@ def leaf_configs(index: dict[str, Any], name: str) -> list[tuple[str, dict]]:
     for item in _as_list(entry.cfg.get("task")):
         child = item if isinstance(item, str) else item.get("task", item.get("group"))
         if isinstance(child, str) and child in index:
-            leaves += leaf_configs(index, child)
+            # a dict entry may override the referenced task's settings (its data path too)
+            extra = {k: v for k, v in item.items() if k not in ("task", "group")} \
+                if isinstance(item, dict) else {}
+            leaves += [(task, {**cfg, **extra}) for task, cfg in leaf_configs(index, child)]
         elif isinstance(item, dict):  # inline task defined inside the group file
             leaves.append((str(child), item))
     return leaves
@@ -164,8 +167,9 @@ def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Pat
         if not link.is_symlink():
             link.symlink_to(folder, target_is_directory=True)
         lines.append(f"- config_name: {config}\n  data_files:")
-        lines += [f"  - split: {split}\n    path: \"{config}/{glob}\""
-                  for split, glob in sorted(splits.items())]
+        for split, names in sorted(splits.items()):
+            lines.append(f"  - split: {split}\n    path:")
+            lines += [f"    - \"{config}/{name}\"" for name in names]
     # write-then-rename: a concurrent run never reads half a README
     staging = mirror / f".README.{os.getpid()}"
     staging.write_text("\n".join(lines + ["---", ""]))
@@ -173,16 +177,18 @@ def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Pat
     return mirror
 
 
-def _split_files(folder: Path, data: HubData) -> dict[str, str]:
-    """split -> file glob (relative to `folder`) for the data files in `folder`."""
+def _split_files(folder: Path, data: HubData) -> dict[str, list[str]]:
+    """split -> names of its data files in `folder` (all shards, one format)."""
     if not folder.is_dir():
         raise UserError(f"--data-dir: expected folder {folder} for data set {data.path} "
                         f"(files like {folder}/test-00000-of-00001.parquet)")
-    splits: dict[str, str] = {}
+    splits: dict[str, list[str]] = {}
     for file in sorted(folder.iterdir()):
         match = SPLIT_FILE.match(file.name)
-        if match:
-            splits.setdefault(match["split"], f"{match['split']}[-.]*{file.suffix}")
+        names = splits.setdefault(match["split"], []) if match else None
+        # a split saved in two formats: keep the first format only
+        if names is not None and (not names or Path(names[0]).suffix == file.suffix):
+            names.append(file.name)
     if not splits:
         raise UserError(f"--data-dir: no data files ({', '.join(DATA_SUFFIXES)}) in {folder} "
                         f"for data set {data.path}")
