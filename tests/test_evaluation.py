@@ -96,7 +96,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-TINY_TASKS = """\
+TINY_MC = """\
 task: tiny_mc
 dataset_path: json
 dataset_kwargs:
@@ -164,7 +164,7 @@ def env(tmp_path_factory):
     gen = write_jsonl(root / "gen.jsonl", [{"question": q, "answer": GOLD} for q in questions])
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(TINY_TASKS.format(mc=mc))
+    (tasks / "tiny_mc.yaml").write_text(TINY_MC.format(mc=mc))
     (tasks / "tiny_gen.yaml").write_text(TINY_GEN.format(gen=gen))
     return {"root": root, "right": right, "wrong": wrong, "plain": no_template,
             "adapter": adapter, "tasks": tasks}
