@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import multiprocessing
@@ -177,6 +178,13 @@ def _path_sft_class():
     return PathSFTTrainer
 
 
+def _wide(logits):
+    """float32 copy of half-precision logits, as the reference code makes (float64 stays)."""
+    import torch
+
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _naive_ift_class():
     import torch
 
@@ -193,10 +201,10 @@ def _naive_ift_class():
             ids, labels, attn = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
             lam = args.lambda_at(self.state.global_step)
             with torch.no_grad():
-                preds = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float().argmax(-1)
+                preds = _wide(model(input_ids=ids, attention_mask=attn, use_cache=False).logits).argmax(-1)
             table = unwrap_model(model).get_input_embeddings()
             x = mix_embeddings(table(ids), table(intuitive_tokens(ids, labels, preds)), lam)
-            logits = model(inputs_embeds=x, attention_mask=attn, use_cache=False).logits.float()
+            logits = _wide(model(inputs_embeds=x, attention_mask=attn, use_cache=False).logits)
             targets = labels[:, 1:]
             mask = targets != IGNORE_INDEX
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
@@ -221,7 +229,7 @@ def _common_args(sizes: Sizes, steps: int, opt: Options, out_dir: str) -> dict[s
         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not opt.cuda, bf16=False, fp16=False, dataloader_num_workers=0, max_length=sizes.seq,
         # TRL's configs turn it on by default, the ORPO one does not: one setting for all.
-        gradient_checkpointing=opt.checkpointing,
+        activation_checkpointing=opt.checkpointing,
     )
 
 
@@ -328,6 +336,8 @@ def time_interleaved(trainers: dict[str, Any], warmup: int, cuda: bool) -> dict[
     """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step."""
     relay = Relay(list(trainers), warmup, cuda)
     errors: dict[str, BaseException] = {}
+    # No thread exits (and tears down its OpenMP workers) while another one is being timed.
+    finished = threading.Barrier(len(trainers))
 
     def run(name: str, trainer) -> None:
         try:
@@ -336,14 +346,22 @@ def time_interleaved(trainers: dict[str, Any], warmup: int, cuda: bool) -> dict[
             errors[name] = err
         finally:
             relay.leave(name)
+            finished.wait()
 
     for name, trainer in trainers.items():
         trainer.add_callback(relay.callback(name))
     threads = [threading.Thread(target=run, args=item, daemon=True) for item in trainers.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # A full garbage collection costs up to a second here (transformers and TRL hold millions of
+    # objects) and would land in whichever step happens to trigger it: none while timing.
+    gc.collect()
+    gc.disable()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gc.enable()
     if errors:
         name, err = next(iter(errors.items()))
         raise RuntimeError(f"bench: the {name} trainer failed: {err!r}") from err
@@ -404,8 +422,20 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
         return {"process_peak_mb": peak / 1024, "step_peak_mb": (peak - base) / 1024}
 
 
+def quiet() -> None:
+    """No progress bars, deprecation warnings or info logs from the libraries."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.simplefilter("ignore", FutureWarning)
+
+
 def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> None:
     try:
+        quiet()
         conn.send(("ok", measure_memory(method, sizes, steps, opt)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -413,13 +443,24 @@ def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> 
         conn.close()
 
 
+_PRELOAD = ("torch", "datasets", "transformers.models.llama.modeling_llama", "trl.trainer.sft_trainer",
+            "trl.trainer.dpo_trainer", "trl.experimental.orpo.orpo_trainer", "iftune.trainer",
+            "iftune.benchmarks.trainers")
+
+
 def memory_per_process(methods: list[str], sizes: Sizes, steps: int, opt: Options, parallel: int) -> dict[str, dict[str, float]]:
     """`measure_memory` for each method in its own process, `parallel` at a time.
 
-    Forked (no re-import) before this process runs any torch op or touches the GPU; memory
-    does not depend on timing, so running two at once only shortens the wall time.
+    The processes fork from a fork server that has imported the libraries once but never run a
+    torch op: a process forked after OpenMP ran hangs, and a fresh interpreter per method would
+    re-import everything. Memory does not depend on timing, so running two at once only
+    shortens the wall time.
     """
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(_PRELOAD))
+    else:
+        ctx = multiprocessing.get_context("spawn")
     results: dict[str, dict[str, float]] = {}
     pending = list(methods)
     running: list[tuple[str, Any, Any]] = []
@@ -626,10 +667,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     cuda = ns.device == "cuda" or (ns.device == "auto" and torch.cuda.is_available())
@@ -641,11 +679,8 @@ def main(argv: list[str]) -> int:
         parent = os.path.dirname(os.path.abspath(ns.json))
         if not os.path.isdir(parent):
             raise UserError(f"--json: no such directory '{parent}'")
-    import datasets
-
-    datasets.disable_progress_bars()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecations inside transformers/TRL
+        quiet()
         result = run_bench(sizes, Options(ns.seed, cuda, ns.gradient_checkpointing), **opts)
     print(format_table(result))
     if ns.json:
