@@ -24,7 +24,7 @@ RATIO_KEYS = {"ift_over_sft_time", "ift_over_sft_memory", "ift_over_trl_sft_time
 
 def test_quick_run_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--profile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == RATIO_KEYS
     for key, value in result["ratios"].items():
@@ -41,6 +41,11 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
     assert result["methods"]["orpo"]["tokens_per_step"] == 2 * batch * seq
     assert [p["seq"] for p in result["sweep"]] == [24, 48]
     assert all(p["ift_over_sft_time"] > 0 for p in result["sweep"])
+    ift, sft = result["profile"]["phases_s"]["ift"], result["profile"]["phases_s"]["sft"]
+    assert "intuition body forward (no grad)" in ift and "intuition body forward (no grad)" not in sft
+    for phases in (ift, sft):  # the phases are parts of the step
+        assert phases["forward total"] + phases["backward"] <= phases["step"] + 1e-9
+        assert phases["training body forward"] <= phases["forward total"]
     printed = capsys.readouterr().out
     assert "ift_over_sft_time" in printed and "naive_ift" in printed
 

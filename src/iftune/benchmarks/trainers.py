@@ -152,8 +152,8 @@ def make_dataset(method: str, sizes: Sizes, rows: int, seed: int):
 def _path_sft_class():
     import torch
 
-    from iftune.lm_head import logit_transform, token_logprobs
-    from iftune.objective import IGNORE_INDEX, _hidden_states, unwrap_model
+    import iftune.objective as objective  # looked up at call time, so the profiler's timers see it
+    from iftune.lm_head import logit_transform
     from iftune.trainer import IFTTrainer
 
     class PathSFTTrainer(IFTTrainer):
@@ -161,14 +161,14 @@ def _path_sft_class():
         objective without the intuition pass (a baseline for IFT's own overhead)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            base = unwrap_model(model)
+            base = objective.unwrap_model(model)
             scale, softcap = logit_transform(base.config)
             targets = inputs["labels"][:, 1:]
-            mask = targets != IGNORE_INDEX
-            hidden = _hidden_states(model, base, inputs.get("attention_mask"), inputs.get("position_ids"),
-                                    input_ids=inputs["input_ids"])
-            picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
-                                    scale=scale, softcap=softcap)
+            mask = targets != objective.IGNORE_INDEX
+            hidden = objective._hidden_states(model, base, inputs.get("attention_mask"), inputs.get("position_ids"),
+                                              input_ids=inputs["input_ids"])
+            picked = objective.token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
+                                              scale=scale, softcap=softcap)
             logp = torch.zeros(mask.shape, dtype=picked.dtype, device=mask.device).masked_scatter(mask, picked)
             loss_sum = (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
             count = num_items_in_batch if num_items_in_batch is not None else mask.any(-1).sum()
@@ -560,8 +560,8 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(sizes: Sizes, opt: Options, warmup: int, steps: int, lengths: list[int], sweep_steps: int,
-              memory_steps: int, parallel: int, log=print) -> dict[str, Any]:
-    """Memory (one process per method) first, then interleaved timing, then the sweep."""
+              memory_steps: int, parallel: int, profile: bool = False, log=print) -> dict[str, Any]:
+    """Memory (one process per method) first, then interleaved timing, the sweep, the profile."""
     start = time.perf_counter()
     log(f"bench: peak memory, one process per method ({', '.join(METHODS)})")
     memory = memory_per_process(list(METHODS), sizes, memory_steps, opt, parallel)
@@ -573,6 +573,12 @@ def run_bench(sizes: Sizes, opt: Options, warmup: int, steps: int, lengths: list
     if lengths:
         log(f"bench: sequence-length sweep {lengths} for {', '.join(SWEEP_METHODS)}")
         points = sweep(lengths, sizes, 1, sweep_steps, opt)
+    prof = None
+    if profile:
+        from iftune.benchmarks.profile import profile_steps
+
+        log("bench: profile of IFT and same-path SFT steps")
+        prof = profile_steps(sizes, opt)
     rat = ratios(rows)
     return {
         "sizes": asdict(sizes), "device": "cuda" if opt.cuda else "cpu", "machine": machine(),
@@ -584,7 +590,7 @@ def run_bench(sizes: Sizes, opt: Options, warmup: int, steps: int, lengths: list
             "naive_over_ift_memory": rows["naive_ift"]["process_peak_mb"] / rows["ift"]["process_peak_mb"]},
         "targets": {k: {"bound": f"{op} {v}", "met": _meets(rat[k], op, v)} for k, (op, v) in TARGETS.items()},
         "faster_head_path": "chunked" if rows["ift"]["step_s"] <= rows["naive_ift"]["step_s"] else "full_logits",
-        "sweep": points, "wall_s": round(time.perf_counter() - start, 1),
+        "sweep": points, "profile": prof, "wall_s": round(time.perf_counter() - start, 1),
     }
 
 
@@ -637,6 +643,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="activation checkpointing in every trainer (default: off in all)")
+    p.add_argument("--profile", action="store_true", help="also time each phase of an IFT and an SFT step")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     return p
@@ -649,7 +656,8 @@ def _settings(ns: argparse.Namespace) -> tuple[Sizes, dict[str, Any]]:
     pick = lambda v, full, quick: v if v is not None else (quick if ns.quick else full)  # noqa: E731
     lengths = [] if ns.no_sweep else pick(ns.sweep, [256, 512, 1024, 2048], [24, 48])
     opts = dict(warmup=pick(ns.warmup, 2, 1), steps=pick(ns.steps, 5, 2), lengths=lengths,
-                sweep_steps=pick(ns.sweep_steps, 3, 1), memory_steps=ns.memory_steps, parallel=ns.parallel)
+                sweep_steps=pick(ns.sweep_steps, 3, 1), memory_steps=ns.memory_steps, parallel=ns.parallel,
+                profile=ns.profile)
     for key in ("steps", "sweep_steps", "memory_steps", "parallel"):
         if opts[key] < 1:
             raise UserError(f"--{key.replace('_', '-')}={opts[key]} is not valid; expected an integer >= 1")
@@ -683,6 +691,11 @@ def main(argv: list[str]) -> int:
         quiet()
         result = run_bench(sizes, Options(ns.seed, cuda, ns.gradient_checkpointing), **opts)
     print(format_table(result))
+    if result["profile"]:
+        from iftune.benchmarks.profile import format_profile
+
+        print()
+        print(format_profile(result["profile"]))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(result, f, indent=2)
