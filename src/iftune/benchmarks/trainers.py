@@ -562,23 +562,34 @@ def machine() -> dict[str, Any]:
 def run_bench(sizes: Sizes, opt: Options, warmup: int, steps: int, lengths: list[int], sweep_steps: int,
               memory_steps: int, parallel: int, profile: bool = False, log=print) -> dict[str, Any]:
     """Memory (one process per method) first, then interleaved timing, the sweep, the profile."""
-    start = time.perf_counter()
+    load_start, wall, mark = _loadavg(), {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        wall[name] = round(time.perf_counter() - mark, 1)
+        mark = time.perf_counter()
+
     log(f"bench: peak memory, one process per method ({', '.join(METHODS)})")
     memory = memory_per_process(list(METHODS), sizes, memory_steps, opt, parallel)
+    lap("memory")
     log(f"bench: timing {warmup} warm-up + {steps} steps per method, interleaved")
     rows = time_methods(list(METHODS), sizes, warmup, steps, opt)
+    lap("timing")
     for m in METHODS:
         rows[m].update(memory[m])
     points = []
     if lengths:
         log(f"bench: sequence-length sweep {lengths} for {', '.join(SWEEP_METHODS)}")
         points = sweep(lengths, sizes, 1, sweep_steps, opt)
+        lap("sweep")
     prof = None
     if profile:
         from iftune.benchmarks.profile import profile_steps
 
         log("bench: profile of IFT and same-path SFT steps")
         prof = profile_steps(sizes, opt)
+        lap("profile")
+    wall["total"] = round(sum(wall.values()), 1)
     rat = ratios(rows)
     return {
         "sizes": asdict(sizes), "device": "cuda" if opt.cuda else "cpu", "machine": machine(),
@@ -590,8 +601,17 @@ def run_bench(sizes: Sizes, opt: Options, warmup: int, steps: int, lengths: list
             "naive_over_ift_memory": rows["naive_ift"]["process_peak_mb"] / rows["ift"]["process_peak_mb"]},
         "targets": {k: {"bound": f"{op} {v}", "met": _meets(rat[k], op, v)} for k, (op, v) in TARGETS.items()},
         "faster_head_path": "chunked" if rows["ift"]["step_s"] <= rows["naive_ift"]["step_s"] else "full_logits",
-        "sweep": points, "profile": prof, "wall_s": round(time.perf_counter() - start, 1),
+        "sweep": points, "profile": prof, "wall_s": wall,
+        # Other work on the same cores slows every method; the interleaving spreads it evenly.
+        "loadavg_1min": {"start": load_start, "end": _loadavg()},
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _meets(value: float, op: str, bound: float) -> bool:
@@ -631,11 +651,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=None, help=f"default {getattr(d, name)} ({getattr(QUICK, name)} "
                                                                   f"with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per method first (default 2; 1 quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 5; 2 quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 4; 2 quick)")
     p.add_argument("--sweep", type=int, nargs="*", default=None, metavar="LEN",
                    help="sequence lengths of the sft/ift sweep (default 256 512 1024 2048; 24 48 quick)")
     p.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
-    p.add_argument("--sweep-steps", type=int, default=None, help="timed steps per sweep point (default 3; 1 quick)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="timed steps per sweep point, after one "
+                                                                  "warm-up (default 2; 1 quick)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps run by each memory process (default 2)")
     p.add_argument("--parallel", type=int, default=2, help="memory processes at once (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -655,8 +676,8 @@ def _settings(ns: argparse.Namespace) -> tuple[Sizes, dict[str, Any]]:
     sizes.check()
     pick = lambda v, full, quick: v if v is not None else (quick if ns.quick else full)  # noqa: E731
     lengths = [] if ns.no_sweep else pick(ns.sweep, [256, 512, 1024, 2048], [24, 48])
-    opts = dict(warmup=pick(ns.warmup, 2, 1), steps=pick(ns.steps, 5, 2), lengths=lengths,
-                sweep_steps=pick(ns.sweep_steps, 3, 1), memory_steps=ns.memory_steps, parallel=ns.parallel,
+    opts = dict(warmup=pick(ns.warmup, 2, 1), steps=pick(ns.steps, 4, 2), lengths=lengths,
+                sweep_steps=pick(ns.sweep_steps, 2, 1), memory_steps=ns.memory_steps, parallel=ns.parallel,
                 profile=ns.profile)
     for key in ("steps", "sweep_steps", "memory_steps", "parallel"):
         if opts[key] < 1:
