@@ -1,7 +1,7 @@
 """The demo's base model: a tiny Llama and a word-level tokenizer, built and pre-trained locally.
 
 Nothing is downloaded. The tokenizer is trained with `tokenizers` on the generated corpus, the
-model is a Llama config of about a million parameters, briefly pre-trained on that corpus, and
+model is a Llama config of about half a million parameters, briefly pre-trained on that corpus, and
 both are saved in the standard Hugging Face layout, so `AutoModelForCausalLM.from_pretrained`
 and `AutoTokenizer.from_pretrained` load the directory like any hub checkpoint. The result is
 cached under `$IFTUNE_CACHE` (else `$XDG_CACHE_HOME/iftune`, else `~/.cache/iftune`) in a folder
@@ -24,7 +24,7 @@ import torch
 from iftune.demo.data import pretraining_corpus
 
 # Bump when the corpus, tokenizer or training code changes what gets built.
-BUILD_VERSION = "1"
+BUILD_VERSION = "3"
 
 BOS, EOS, PAD, UNK = "<s>", "<|end|>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -56,9 +56,8 @@ class BaseSpec:
     num_attention_heads: int = 4
     max_position_embeddings: int = 128
     corpus_docs: int = 20000
-    block_size: int = 64
-    batch_size: int = 32
-    pretrain_steps: int = 500
+    batch_size: int = 64
+    pretrain_steps: int = 1000
     learning_rate: float = 3e-3
     seed: int = 0
 
@@ -108,18 +107,26 @@ def make_model(spec: BaseSpec, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def token_blocks(corpus: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    """The corpus as one stream (`<s> doc <|end|>` per document) cut into equal blocks."""
-    stream: list[int] = []
-    for doc in corpus:
-        stream += [tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False),
-                   tokenizer.eos_token_id]
-    n = len(stream) // block_size
-    return torch.tensor(stream[: n * block_size]).view(n, block_size)
+def encode_docs(corpus: list[str], tokenizer) -> list[list[int]]:
+    """Each document as `<s> doc <|end|>` token ids."""
+    return [[tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False), tokenizer.eos_token_id]
+            for doc in corpus]
 
 
-def pretrain(model, blocks: torch.Tensor, spec: BaseSpec, progress=None) -> list[float]:
-    """Plain next-token training with AdamW and a cosine decay; returns the loss per step."""
+def doc_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels). Documents are not packed together: in a
+    tiny model attention spread over unrelated earlier documents slows learning a lot."""
+    width = max(map(len, docs))
+    ids = torch.full((len(docs), width), pad_id)
+    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    for i, doc in enumerate(docs):
+        ids[i, : len(doc)] = torch.tensor(doc)
+        mask[i, : len(doc)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def pretrain(model, docs: list[list[int]], spec: BaseSpec, pad_id: int, progress=None) -> list[float]:
+    """Plain next-token training with AdamW, warm-up and cosine decay; returns the loss per step."""
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -127,8 +134,9 @@ def pretrain(model, blocks: torch.Tensor, spec: BaseSpec, progress=None) -> list
     model.train()
     losses = []
     for _ in range(spec.pretrain_steps):
-        batch = blocks[torch.randint(len(blocks), (spec.batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+        picks = torch.randint(len(docs), (spec.batch_size,), generator=gen).tolist()
+        ids, mask, labels = doc_batch([docs[i] for i in picks], pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -155,7 +163,7 @@ def build_base(spec: BaseSpec = BaseSpec(), root: Path | None = None, progress=N
     corpus = pretraining_corpus(spec.corpus_docs, spec.seed)
     tokenizer = train_tokenizer(corpus)
     model = make_model(spec, tokenizer)
-    losses = pretrain(model, token_blocks(corpus, tokenizer, spec.block_size), spec, progress)
+    losses = pretrain(model, encode_docs(corpus, tokenizer), spec, tokenizer.pad_token_id, progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
