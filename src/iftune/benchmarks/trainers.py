@@ -454,7 +454,8 @@ def memory_per_process(methods: list[str], sizes: Sizes, steps: int, opt: Option
     The processes fork from a fork server that has imported the libraries once but never run a
     torch op: a process forked after OpenMP ran hangs, and a fresh interpreter per method would
     re-import everything. Memory does not depend on timing, so running two at once only
-    shortens the wall time.
+    shortens the wall time. A script calling this must guard its entry point with
+    `if __name__ == "__main__":`, as any multiprocessing code.
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
