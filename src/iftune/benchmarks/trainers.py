@@ -41,6 +41,7 @@ from iftune.errors import UserError
 
 METHODS = ("trl_sft", "sft", "ift", "naive_ift", "dpo", "orpo")
 SWEEP_METHODS = ("sft", "ift")
+_SFT_LIKE = ("trl_sft", "sft", "ift", "naive_ift")  # prompt/completion data
 # Targets of issue 6, as (ratio key, comparison, bound).
 TARGETS = {
     "ift_over_sft_time": ("<=", 1.40),
@@ -135,13 +136,11 @@ def make_dataset(method: str, sizes: Sizes, rows: int, seed: int):
 
     rng = random.Random(seed)
     completion = sizes.seq - sizes.prompt - 1  # the trainers append EOS
-    data: dict[str, list[str]] = {"prompt": [], "completion" if method in ("trl_sft", "sft", "ift", "naive_ift")
-                                  else "chosen": []}
-    if method in ("dpo", "orpo"):
-        data["rejected"] = []
+    answers = ("completion",) if method in _SFT_LIKE else ("chosen", "rejected")
+    data: dict[str, list[str]] = {key: [] for key in ("prompt", *answers)}
     for _ in range(rows):
         data["prompt"].append(_words(rng, sizes.prompt, sizes.vocab))
-        for key in list(data)[1:]:
+        for key in answers:
             data[key].append(" " + _words(rng, completion, sizes.vocab))
     return Dataset.from_dict(data)
 
@@ -243,9 +242,12 @@ def build_trainer(method: str, sizes: Sizes, model, steps: int, opt: Options, ou
     dataset = make_dataset(method, sizes, sizes.batch * steps, opt.seed)
     tokenizer = make_tokenizer(sizes.vocab)
     kwargs: dict[str, Any] = {}
-    if method in ("trl_sft", "sft", "ift", "naive_ift"):
+    if method in _SFT_LIKE:
         config_cls, trainer_cls = _classes("sft" if method == "trl_sft" else "ift")
-        trainer_cls = {"sft": _path_sft_class(), "naive_ift": _naive_ift_class()}.get(method, trainer_cls)
+        if method == "sft":
+            trainer_cls = _path_sft_class()
+        elif method == "naive_ift":
+            trainer_cls = _naive_ift_class()
     elif method == "dpo":
         config_cls, trainer_cls = _classes("dpo")
         kwargs["ref_model"] = copy.deepcopy(model)  # an in-memory model has no path to reload it from
