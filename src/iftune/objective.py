@@ -236,7 +236,9 @@ def ift_loss(
     # The head runs only where a target is trained: prompts and padding cost no logits.
     head_kw = dict(scale=scale, softcap=softcap, chunk_size=chunk_size)
 
-    # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference.
+    # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference. Not
+    # inference_mode: models that cache tensors on first use (rotary tables) would hand
+    # inference tensors to the training pass.
     training = model.training
     with torch.no_grad():
         model.eval()
@@ -251,7 +253,7 @@ def ift_loss(
         preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
     # Steps 2-3: intuitive tokens and the temporal residual connection.
     further = intuitive_tokens(input_ids, labels, preds, position_ids)
-    x = mix_embeddings(table(input_ids), table(further), lam)
+    x = _mixed_inputs(table, input_ids, further, lam)
     # Step 4: training pass.
     hidden = _hidden_states(model, base, attention_mask, position_ids, inputs_embeds=x)
     picked_logp = token_logprobs(hidden[:, :-1][mask], head, targets[mask], **head_kw)
@@ -276,6 +278,17 @@ def ift_loss(
         acc = hits.to(torch.float32) / n_tok.clamp_min(1)
     return IFTOutput(loss=loss, sft_loss=sft, intuitive_nll=nll, intuition_accuracy=acc,
                      n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
+
+
+def _mixed_inputs(table: nn.Module, input_ids: torch.Tensor, further: torch.Tensor,
+                  lam: float | torch.Tensor) -> torch.Tensor:
+    """Eq. 17, looking up E[further] only where it differs from the input token (elsewhere the
+    mix is E[input] itself): one embedding lookup of the whole batch instead of two."""
+    embeds = table(input_ids)
+    where = (further != input_ids).nonzero(as_tuple=True)
+    if where[0].numel() == 0:
+        return embeds
+    return embeds.index_put(where, mix_embeddings(embeds[where], table(further[where]), lam))
 
 
 def _per_document(mask: torch.Tensor, position_ids: torch.Tensor | None, *values: torch.Tensor):
