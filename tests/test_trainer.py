@@ -39,7 +39,8 @@ def first_batch(trainer: IFTTrainer) -> dict:
 @pytest.mark.parametrize("field,value", [("max_lambda", 1.5), ("min_lambda", -0.1), ("gamma", 2.0),
                                          ("norm", "L3"), ("side", "up"), ("propagation", "x"),
                                          ("intuition", "beam"), ("lambda_schedule", "cosine"),
-                                         ("intuition_embeddings", "cold"), ("intuition_k", 0)])
+                                         ("intuition_embeddings", "cold"), ("intuition_k", 0),
+                                         ("head_chunk_size", 0)])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
@@ -86,6 +87,14 @@ def test_trains_only_assistant_turns_and_lam0_gamma0_is_sft(tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     metrics = trainer._metrics["train"]
     assert metrics["lambda"] == [0.0] and metrics["sft_loss"][0] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_head_chunk_size_changes_memory_not_the_loss(tmp_path):
+    losses = []
+    for chunk in (None, 3):
+        trainer = make_trainer(tmp_path / str(chunk), per_device_train_batch_size=4, head_chunk_size=chunk)
+        losses.append(trainer.compute_loss(trainer.model, first_batch(trainer)).item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_logs_ift_metrics_with_trl_lines(tmp_path):

@@ -73,6 +73,10 @@ class IFTConfig(SFTConfig):
                                           "the initial table, as the reference code does)."})
     detach_weights: bool = field(
         default=False, metadata={"help": "Eq. 22: stop the gradient through the relation weights."})
+    head_chunk_size: int | None = field(
+        default=None, metadata={"help": "Trained positions whose logits exist at once in iftune's LM-head path "
+                                        "(None: ~128 MiB of float32 logits; larger is faster on CPU, uses more "
+                                        "memory). Not part of the objective."})
     assistant_only_loss: bool = field(
         default=True, metadata={"help": "Train on assistant turns only (conversational `messages` data). IFT "
                                         "must not replace prompt tokens; set to False for other formats automatically."})
@@ -91,6 +95,8 @@ class IFTConfig(SFTConfig):
             raise ValueError(f"lambda_warmup_steps={self.lambda_warmup_steps!r} is not valid; expected an integer >= 0")
         if not self.disturb_std >= 0:
             raise ValueError(f"disturb_std={self.disturb_std!r} is not valid; expected a number >= 0")
+        if self.head_chunk_size is not None and self.head_chunk_size < 1:
+            raise ValueError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
         if self.intuition_k < 1:
             raise ValueError(f"intuition_k={self.intuition_k!r} is not valid; expected an integer >= 1")
         if not self.intuition_temperature > 0:
@@ -194,7 +200,7 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             propagation=args.propagation, side=args.side, norm=args.norm, intuition=args.intuition,
             intuition_k=args.intuition_k, temperature=args.intuition_temperature,
             generator=self._generator(input_ids.device), detach_weights=args.detach_weights,
-            embeddings=self._frozen_embeddings,
+            embeddings=self._frozen_embeddings, chunk_size=args.head_chunk_size,
         )
         if num_items_in_batch is not None:
             # DDP averages gradients over processes; the count already spans all of them.
