@@ -240,7 +240,14 @@ def get_base(tqdm) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    from iftune.demo.base import single_thread
+
     args = parse_args(argv)
+    with single_thread():
+        return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
