@@ -18,7 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iftune.demo.base import BaseSpec
+from iftune.demo.base import BaseSpec, base_dir, build_base, single_thread
+from iftune.demo.data import DATA_SEED, TASK_MAX_STEPS, TASK_MIN_STEPS, make_splits, write_jsonl
+from iftune.demo.score import score as score_answers
 from iftune.errors import UserError
 
 # Fixed before any IFT/SFT comparison was run; docs/demo.md says why.
@@ -52,7 +54,8 @@ class RunResult:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="iftune demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="iftune demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="fine-tuning seeds per method")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per fine-tuning run")
     parser.add_argument("--output-dir", default="outputs/demo", help="where demo.json, demo.png and the runs go")
@@ -125,16 +128,14 @@ def generate(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
     return [a.strip() for a in answers]
 
 
-def evaluate(model_dir: Path, heldout: list[dict]):
+def evaluate(model_dir: Path, heldout: list[dict]) -> tuple:
     """(Score, first few (prompt, generated, reference) samples) on the held-out split."""
-    from iftune.demo.score import score
-
     prompts = [ex["messages"][:1] for ex in heldout]
     references = [ex["messages"][1]["content"] for ex in heldout]
     generated = generate(model_dir, prompts)
     samples = [{"prompt": p[0]["content"], "generated": g, "reference": r}
                for p, g, r in list(zip(prompts, generated, references))[:3]]
-    return score(generated, references), samples
+    return score_answers(generated, references), samples
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -214,8 +215,6 @@ def plot(runs: list[RunResult], summary: dict, path: Path) -> Path:
 
 
 def prepare_data(out_dir: Path) -> tuple[Path, list[dict]]:
-    from iftune.demo.data import make_splits, write_jsonl
-
     train, heldout = make_splits(N_TRAIN, N_HELDOUT)
     train_file = write_jsonl(train, out_dir / "data" / "train.jsonl")
     write_jsonl(heldout, out_dir / "data" / "heldout.jsonl")
@@ -224,8 +223,6 @@ def prepare_data(out_dir: Path) -> tuple[Path, list[dict]]:
 
 def get_base(tqdm) -> Path:
     """The cached base model, pre-training it first (with a progress bar) when it is missing."""
-    from iftune.demo.base import base_dir, build_base
-
     spec = BASE_SPEC
     if (base_dir(spec) / "config.json").exists():
         return base_dir(spec)
@@ -240,8 +237,6 @@ def get_base(tqdm) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from iftune.demo.base import single_thread
-
     args = parse_args(argv)
     with single_thread():
         return run_demo(args)
@@ -269,8 +264,6 @@ def run_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     table = format_table(summary, base_score)
     write_report(out_dir, args, base, base_score, runs, summary, seconds)
-    from iftune.demo.data import TASK_MAX_STEPS, TASK_MIN_STEPS
-
     print(f"\nheld-out split: {len(heldout)} chained mod-10 problems of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} "
           f"steps, greedy decoding; "
           f"{args.steps} steps, lr {LEARNING_RATE}, batch {BATCH_SIZE}, {args.seeds} seed(s)")
@@ -294,8 +287,6 @@ def run_one(method: str, seed: int, steps: int, base: Path, train_file: Path, he
 
 def write_report(out_dir: Path, args, base: Path, base_score, runs: list[RunResult], summary: dict,
                  seconds: float) -> None:
-    from iftune.demo.data import DATA_SEED, TASK_MAX_STEPS, TASK_MIN_STEPS
-
     report = {
         "settings": {"steps": args.steps, "seeds": args.seeds, "learning_rate": LEARNING_RATE,
                      "per_device_train_batch_size": BATCH_SIZE, "n_train": N_TRAIN, "n_heldout": N_HELDOUT,
