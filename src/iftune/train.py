@@ -148,6 +148,7 @@ def run(method: str, argv: list[str]) -> int:
         raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         logger.info("saved %s model to %s", method, training_args.output_dir)

@@ -88,16 +88,12 @@ def fine_tune(command: str, base: Path, train_file: Path, out: Path, steps: int,
             "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(LEARNING_RATE),
             "--per_device_train_batch_size", str(BATCH_SIZE), "--seed", str(seed),
             "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true",
-            # One model-only checkpoint at the last step: it carries trainer_state.json (the loss log).
-            "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true", *extra]
+            "--save_strategy", "no", *extra]
     with quiet():
         rc = cli_main(argv)
     if rc != 0:
         raise RuntimeError(f"`iftune {' '.join(argv)}` exited with status {rc}")
-    state = out / "trainer_state.json"
-    if not state.exists():
-        state = out / f"checkpoint-{steps}" / "trainer_state.json"
-    return json.loads(state.read_text())["log_history"]
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
 
 
 def curves(history: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
