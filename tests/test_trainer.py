@@ -40,7 +40,7 @@ def first_batch(trainer: IFTTrainer) -> dict:
                                          ("norm", "L3"), ("side", "up"), ("propagation", "x"),
                                          ("intuition", "beam"), ("lambda_schedule", "cosine"),
                                          ("intuition_embeddings", "cold"), ("intuition_k", 0),
-                                         ("head_chunk_size", 0)])
+                                         ("head_chunk_size", 0), ("lm_head", "liger")])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
@@ -89,12 +89,16 @@ def test_trains_only_assistant_turns_and_lam0_gamma0_is_sft(tmp_path):
     assert metrics["lambda"] == [0.0] and metrics["sft_loss"][0] == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_head_chunk_size_changes_memory_not_the_loss(tmp_path):
-    losses = []
-    for chunk in (None, 3):
-        trainer = make_trainer(tmp_path / str(chunk), per_device_train_batch_size=4, head_chunk_size=chunk)
-        losses.append(trainer.compute_loss(trainer.model, first_batch(trainer)).item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+@pytest.mark.parametrize("head", [dict(head_chunk_size=3), dict(lm_head="trl")])
+def test_head_paths_change_cost_not_the_loss_or_gradient(tmp_path, head):
+    results = []
+    for name, options in (("default", {}), ("other", head)):
+        trainer = make_trainer(tmp_path / name, per_device_train_batch_size=4, **options)
+        loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+        loss.backward()
+        results.append((loss.item(), trainer.model.lm_head.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
 
 
 def test_logs_ift_metrics_with_trl_lines(tmp_path):

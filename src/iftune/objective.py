@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,7 @@ def ift_loss(
     generator: torch.Generator | None = None,
     embeddings: nn.Module | None = None,
     chunk_size: int | None = None,
+    train_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> IFTOutput:
     """One IFT step (spec steps 1-6): a no-grad intuition pass, then a training pass on the
     mixed embeddings, weighted by relation propagation.
@@ -208,6 +210,8 @@ def ift_loss(
     `labels` are unshifted (-100 = not trained). `embeddings` overrides the table E used for
     mixing (the reference's frozen copy); by default it is the model's live input embedding.
     `chunk_size` bounds the positions whose logits exist at once (default: ~128 MiB of them).
+    `train_logprobs(inputs_embeds, labels)`, if given, replaces iftune's head in the training
+    pass: it must return log p(labels[:, t+1]) as (B, T-1), e.g. TRL's fused LM head.
     """
     if not torch.is_tensor(lam):
         check_unit("lam", lam)
@@ -255,9 +259,14 @@ def ift_loss(
     further = intuitive_tokens(input_ids, labels, preds, position_ids)
     x = _mixed_inputs(table, input_ids, further, lam)
     # Step 4: training pass.
-    hidden = _hidden_states(model, base, attention_mask, position_ids, inputs_embeds=x)
-    picked_logp = token_logprobs(hidden[:, :-1][mask], head, targets[mask], **head_kw)
-    logp = torch.zeros(mask.shape, dtype=picked_logp.dtype, device=mask.device).masked_scatter(mask, picked_logp)
+    if train_logprobs is None:
+        hidden = _hidden_states(model, base, attention_mask, position_ids, inputs_embeds=x)
+        picked_logp = token_logprobs(hidden[:, :-1][mask], head, targets[mask], **head_kw)
+        logp = torch.zeros(mask.shape, dtype=picked_logp.dtype, device=mask.device).masked_scatter(mask, picked_logp)
+    else:
+        trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
+        logp = train_logprobs(x, trained)
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
     tf_logp = torch.zeros_like(logp).masked_scatter(mask, tf_picked.to(logp.dtype))
 
     # Steps 5-6, per document: rows of a padded batch, or the documents of packed rows.
