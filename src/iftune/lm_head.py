@@ -96,6 +96,41 @@ def _token_logp(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _LinearChunkLogProb(torch.autograd.Function):
+    """log p(target) through a plain linear head, storing only the log-sum-exp: the backward
+    recomputes the chunk's logits once, `d logit = g * (onehot - softmax)`, and applies the
+    two matmuls itself (checkpointing would recompute the log-sum-exp and its graph too)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale):
+        logits = nn.functional.linear(hidden, weight, bias)
+        logits = logits.to(_acc_dtype(logits.dtype)) * scale
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.scale = scale
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        logits = nn.functional.linear(hidden, weight, bias)
+        logits = logits.to(_acc_dtype(logits.dtype)) * ctx.scale
+        dlogits = torch.exp(logits.sub_(lse[:, None])).mul_(-grad[:, None])
+        dlogits.scatter_add_(-1, targets[:, None], grad[:, None].to(dlogits.dtype))
+        dz = (dlogits * ctx.scale).to(weight.dtype)
+        grad_hidden = (dz @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = dz.T @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = dz.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _fused_chunks_ok(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> bool:
+    """The hand-written backward covers a plain nn.Linear head without autocast or softcap;
+    anything else (LoRA on the head, sharded weights, mixed precision) is checkpointed."""
+    return (type(head) is nn.Linear and not softcap and type(head.weight) is nn.Parameter
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     head: nn.Module,
@@ -116,12 +151,14 @@ def token_logprobs(
     if n <= size:
         # One chunk: its stored logits are within the chunk budget, so skip the recompute.
         return _token_logp(flat, tgt, head, scale, softcap).view(shape)
-    grad = torch.is_grad_enabled()
-    parts = [
-        checkpoint(_token_logp, flat[sl], tgt[sl], head, scale, softcap, use_reentrant=False)
-        if grad else _token_logp(flat[sl], tgt[sl], head, scale, softcap)
-        for sl in _chunks(n, size)
-    ]
+    if not torch.is_grad_enabled():
+        parts = [_token_logp(flat[sl], tgt[sl], head, scale, softcap) for sl in _chunks(n, size)]
+    elif _fused_chunks_ok(head, flat, softcap):
+        parts = [_LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale))
+                 for sl in _chunks(n, size)]
+    else:
+        parts = [checkpoint(_token_logp, flat[sl], tgt[sl], head, scale, softcap, use_reentrant=False)
+                 for sl in _chunks(n, size)]
     return torch.cat(parts).view(shape)
 
 
