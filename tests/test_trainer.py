@@ -111,6 +111,17 @@ def test_logs_ift_metrics_with_trl_lines(tmp_path):
     assert logs[0]["lambda"] == pytest.approx(0.2)
 
 
+def test_sft_loss_is_computed_only_for_logged_steps(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=5, logging_steps=2, per_device_train_batch_size=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    assert all(h["sft_loss"] > 0 for h in logs)  # finite: measured on each logged step
+    for step, expect in [(0, False), (1, True), (2, False), (3, True), (4, False)]:
+        trainer.state.global_step = step
+        assert trainer._logs_this_step() is expect, step
+
+
 def _one_update(tmp_path, name, **overrides) -> dict:
     tok = build_tokenizer()
     model = build_model(len(tok)).double()

@@ -63,11 +63,14 @@ def intuition_from_hidden(
     scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_logp: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's choice of next token at every position, and the teacher-forced log-prob of
     `targets` (the next tokens; any id where -100), from (..., H) hidden states.
 
-    Returns `(predictions (...) long, target_logp (...))`, log-probs in float32 or wider.
+    Returns `(predictions (...) long, target_logp (...))`, log-probs in float32 or wider, or
+    None without `with_logp` (the log-sum-exp over the vocabulary is most of the head's cost
+    beyond its matmul).
     """
     shape, n = targets.shape, targets.numel()
     flat, tgt = hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)
@@ -84,9 +87,10 @@ def intuition_from_hidden(
         else:  # sample
             probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
             preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        logits = logits.to(logp.dtype)
-        logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return preds.view(shape), logp.view(shape)
+        if with_logp:
+            logits = logits.to(logp.dtype)
+            logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return preds.view(shape), (logp.view(shape) if with_logp else None)
 
 
 def _token_logp(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,

@@ -203,6 +203,7 @@ def ift_loss(
     embeddings: nn.Module | None = None,
     chunk_size: int | None = None,
     train_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    with_sft_loss: bool = True,
 ) -> IFTOutput:
     """One IFT step (spec steps 1-6): a no-grad intuition pass, then a training pass on the
     mixed embeddings, weighted by relation propagation.
@@ -212,6 +213,8 @@ def ift_loss(
     `chunk_size` bounds the positions whose logits exist at once (default: ~128 MiB of them).
     `train_logprobs(inputs_embeds, labels)`, if given, replaces iftune's head in the training
     pass: it must return log p(labels[:, t+1]) as (B, T-1), e.g. TRL's fused LM head.
+    `with_sft_loss=False` skips the teacher-forced NLL of the intuition pass (`sft_loss` is
+    then NaN): on a CPU its log-sum-exp over the vocabulary is a few percent of a step.
     """
     if not torch.is_tensor(lam):
         check_unit("lam", lam)
@@ -252,7 +255,7 @@ def ift_loss(
             model.train(training)
         picked, tf_picked = intuition_from_hidden(
             hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
-            temperature=float(temperature), generator=generator, **head_kw)
+            temperature=float(temperature), generator=generator, with_logp=with_sft_loss, **head_kw)
         del hidden
         preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
     # Steps 2-3: intuitive tokens and the temporal residual connection.
@@ -267,7 +270,9 @@ def ift_loss(
         trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
         logp = train_logprobs(x, trained)
         logp = torch.where(mask, logp, torch.zeros_like(logp))
-    tf_logp = torch.zeros_like(logp).masked_scatter(mask, tf_picked.to(logp.dtype))
+    tf_logp = torch.zeros_like(logp)
+    if tf_picked is not None:
+        tf_logp = tf_logp.masked_scatter(mask, tf_picked.to(logp.dtype))
 
     # Steps 5-6, per document: rows of a padded batch, or the documents of packed rows.
     logp_d, mask_d, tf_d = _per_document(mask, position_ids, logp, tf_logp)
@@ -281,6 +286,8 @@ def ift_loss(
     loss = loss_sum / n_seq.clamp_min(1)
     with torch.no_grad():
         sft = ((-tf_d * mask_d).sum(-1) / denom).sum() / n_seq.clamp_min(1)
+        if tf_picked is None:
+            sft = torch.full_like(sft, math.nan)
         nll = ((-logp_d.detach()).sum(-1) / denom).sum() / n_seq.clamp_min(1)
         n_tok = mask.sum()
         hits = (picked == targets[mask]).sum()

@@ -207,6 +207,7 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             generator=self._generator(input_ids.device), detach_weights=args.detach_weights,
             embeddings=self._frozen_embeddings, chunk_size=args.head_chunk_size,
             train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
+            with_sft_loss=mode == "eval" or self._logs_this_step(),
         )
         if num_items_in_batch is not None:
             # DDP averages gradients over processes; the count already spans all of them.
@@ -215,6 +216,16 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             loss = out.loss
         self._log_metrics(mode, out, lam, inputs)
         return (loss, None) if return_outputs else loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the current optimizer step ends in a log line: `sft_loss` (a log-sum-exp
+        over the vocabulary) is only computed for the steps whose metrics are logged."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy != "steps":
+            return True
+        # A ratio (< 1) is turned into steps by the Trainer when training starts.
+        every = max(1, int(args.logging_steps if args.logging_steps >= 1 else self.state.logging_steps))
+        return step % every == 0 or (args.logging_first_step and step == 1)
 
     @staticmethod
     def _trl_head(model, inputs):
@@ -229,7 +240,8 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
         stats = torch.stack([out.sft_loss, out.intuitive_nll, out.intuition_accuracy.to(out.sft_loss.dtype)])
         stats = gather(stats.detach().float().reshape(1, -1)).reshape(-1, 3).mean(0).tolist()
         for key, value in zip(("sft_loss", "intuitive_nll", "intuition_accuracy"), stats):
-            self._metrics[mode][key].append(value)
+            if value == value:  # NaN: sft_loss is not computed on steps that are not logged
+                self._metrics[mode][key].append(value)
         self._metrics[mode]["lambda"].append(lam)
         if mode == "train":
             mask = inputs.get("attention_mask")
