@@ -120,6 +120,8 @@ def test_sft_loss_is_computed_only_for_logged_steps(tmp_path):
     for step, expect in [(0, False), (1, True), (2, False), (3, True), (4, False)]:
         trainer.state.global_step = step
         assert trainer._logs_this_step() is expect, step
+    trainer.args.logging_strategy = "no"
+    assert trainer._logs_this_step() is False
 
 
 def _one_update(tmp_path, name, **overrides) -> dict:

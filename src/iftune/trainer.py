@@ -222,7 +222,7 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
         over the vocabulary) is only computed for the steps whose metrics are logged."""
         args, step = self.args, self.state.global_step + 1
         if args.logging_strategy != "steps":
-            return True
+            return args.logging_strategy != "no"  # per epoch: not known ahead, so always
         # A ratio (< 1) is turned into steps by the Trainer when training starts.
         every = max(1, int(args.logging_steps if args.logging_steps >= 1 else self.state.logging_steps))
         return step % every == 0 or (args.logging_first_step and step == 1)
