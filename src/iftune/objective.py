@@ -278,8 +278,7 @@ def ift_loss(
     logp_d, mask_d, tf_d = _per_document(mask, position_ids, logp, tf_logp)
     w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
     n = mask_d.sum(-1)
-    valid = n > 0
-    n_seq = valid.sum()
+    n_seq = (n > 0).sum()  # sequences without a trained token add 0 and are not counted
     denom = n.clamp_min(1).to(logp.dtype)
     per_seq = (-(logp_d * w)).sum(-1) / denom
     loss_sum = per_seq.sum()
