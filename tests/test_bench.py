@@ -65,12 +65,14 @@ def _tiny(dtype=torch.float64):
 
 
 def _stub(tmp_path, **overrides):
-    from iftune.trainer import IFTConfig
+    from iftune.trainer import IFTConfig, IFTTrainer
 
     args = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                      activation_checkpointing=False, **overrides)
-    return SimpleNamespace(args=args, state=SimpleNamespace(global_step=0),
+    stub = SimpleNamespace(args=args, state=SimpleNamespace(global_step=0),
                            accelerator=SimpleNamespace(num_processes=1))
+    stub.window_mean = lambda *a: IFTTrainer.window_mean(stub, *a)
+    return stub
 
 
 def test_path_sft_is_per_sequence_cross_entropy(tmp_path):

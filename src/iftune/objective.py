@@ -235,12 +235,9 @@ def ift_loss(
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     table = embeddings if embeddings is not None else base.get_input_embeddings()
-    scale, softcap = logit_transform(base.config)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    if position_ids is not None:  # a prediction never crosses a document boundary
-        mask &= position_ids[:, 1:] != 0
+    targets, mask = trained_targets(labels, position_ids)
     # The head runs only where a target is trained: prompts and padding cost no logits.
+    scale, softcap = logit_transform(base.config)
     head_kw = dict(scale=scale, softcap=softcap, chunk_size=chunk_size)
 
     # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference. Not
@@ -263,9 +260,8 @@ def ift_loss(
     x = _mixed_inputs(table, input_ids, further, lam)
     # Step 4: training pass.
     if train_logprobs is None:
-        hidden = _hidden_states(model, base, attention_mask, position_ids, inputs_embeds=x)
-        picked_logp = token_logprobs(hidden[:, :-1][mask], head, targets[mask], **head_kw)
-        logp = torch.zeros(mask.shape, dtype=picked_logp.dtype, device=mask.device).masked_scatter(mask, picked_logp)
+        logp = trained_logprobs(model, targets, mask, attention_mask, position_ids, chunk_size=chunk_size,
+                                inputs_embeds=x)
     else:
         trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
         logp = train_logprobs(x, trained)
@@ -293,6 +289,36 @@ def ift_loss(
         acc = hits.to(torch.float32) / n_tok.clamp_min(1)
     return IFTOutput(loss=loss, sft_loss=sft, intuitive_nll=nll, intuition_accuracy=acc,
                      n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
+
+
+def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask), both (B, T-1): the next token at each position and whether it is
+    trained. With packing, a document's first token is never predicted from the previous one."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if position_ids is not None:
+        mask &= position_ids.expand_as(labels)[:, 1:] != 0
+    return targets, mask
+
+
+def trained_logprobs(
+    model: nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
+    """log p(targets) where `mask`, 0 elsewhere, (B, T-1), from one forward with gradient on
+    `inputs` (`input_ids` or `inputs_embeds`): the LM head runs at the trained positions only."""
+    base = unwrap_model(model)
+    scale, softcap = logit_transform(base.config)
+    hidden = _hidden_states(model, base, attention_mask, position_ids, **inputs)
+    picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
+                            scale=scale, softcap=softcap, chunk_size=chunk_size)
+    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
 
 
 def _mixed_inputs(table: nn.Module, input_ids: torch.Tensor, further: torch.Tensor,
@@ -333,11 +359,10 @@ def _target_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def sequence_count(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
     """Sequences with at least one trained target: the denominator of the IFT loss (step 6)."""
-    mask = labels[:, 1:] != IGNORE_INDEX
+    _, mask = trained_targets(labels, position_ids)
     if position_ids is None:
         return int(mask.any(-1).sum())
-    mask &= position_ids[:, 1:] != 0
-    doc, _ = _target_documents(position_ids)
+    doc, _ = _target_documents(position_ids.expand_as(labels))
     return int(doc[mask].unique().numel())
 
 
@@ -376,5 +401,7 @@ __all__ = [
     "mix_embeddings",
     "relation_weights",
     "sequence_count",
+    "trained_logprobs",
+    "trained_targets",
     "unwrap_model",
 ]

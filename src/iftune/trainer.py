@@ -209,13 +209,17 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
             with_sft_loss=mode == "eval" or self._logs_this_step(),
         )
-        if num_items_in_batch is not None:
-            # DDP averages gradients over processes; the count already spans all of them.
-            loss = out.loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1) * self.accelerator.num_processes
-        else:
-            loss = out.loss
+        loss = self.window_mean(out.loss_sum, out.n_sequences, num_items_in_batch)
         self._log_metrics(mode, out, lam, inputs)
         return (loss, None) if return_outputs else loss
+
+    def window_mean(self, loss_sum: torch.Tensor, n_sequences: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """This micro-batch's share of the step's loss: its per-sequence losses summed, over the
+        sequence count of the whole accumulation window and of every process (times the process
+        count, since DDP averages gradients); without that count, the micro-batch's own mean."""
+        if num_items_in_batch is None:
+            return loss_sum / n_sequences.clamp_min(1)
+        return loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1) * self.accelerator.num_processes
 
     def _logs_this_step(self) -> bool:
         """Whether the current optimizer step ends in a log line: `sft_loss` (a log-sum-exp

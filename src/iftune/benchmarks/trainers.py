@@ -153,10 +153,7 @@ def make_dataset(method: str, sizes: Sizes, rows: int, seed: int):
 
 
 def _path_sft_class():
-    import torch
-
     import iftune.objective as objective  # looked up at call time, so the profiler's timers see it
-    from iftune.lm_head import logit_transform
     from iftune.trainer import IFTTrainer
 
     class PathSFTTrainer(IFTTrainer):
@@ -164,18 +161,12 @@ def _path_sft_class():
         objective without the intuition pass (a baseline for IFT's own overhead)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            base = objective.unwrap_model(model)
-            scale, softcap = logit_transform(base.config)
-            targets = inputs["labels"][:, 1:]
-            mask = targets != objective.IGNORE_INDEX
-            hidden = objective._hidden_states(model, base, inputs.get("attention_mask"), inputs.get("position_ids"),
+            position_ids = inputs.get("position_ids")
+            targets, mask = objective.trained_targets(inputs["labels"], position_ids)
+            logp = objective.trained_logprobs(model, targets, mask, inputs.get("attention_mask"), position_ids,
                                               input_ids=inputs["input_ids"])
-            picked = objective.token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
-                                              scale=scale, softcap=softcap)
-            logp = torch.zeros(mask.shape, dtype=picked.dtype, device=mask.device).masked_scatter(mask, picked)
             loss_sum = (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
-            count = num_items_in_batch if num_items_in_batch is not None else mask.any(-1).sum()
-            loss = loss_sum / torch.as_tensor(count).clamp_min(1) * self.accelerator.num_processes
+            loss = self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
     return PathSFTTrainer
@@ -215,8 +206,7 @@ def _naive_ift_class():
             w = relation_weights(logp, mask, args.gamma, args.propagation, args.side, args.norm,
                                  detach=args.detach_weights)
             loss_sum = ((-(logp * w)).sum(-1) / mask.sum(-1).clamp_min(1)).sum()
-            count = num_items_in_batch if num_items_in_batch is not None else mask.any(-1).sum()
-            loss = loss_sum / torch.as_tensor(count).clamp_min(1) * self.accelerator.num_processes
+            loss = self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
     return NaiveIFTTrainer
