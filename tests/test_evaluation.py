@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
+from conftest import write_jsonl  # noqa: E402
 from iftune import cli  # noqa: E402
 from iftune.evaluation import data as data_mod  # noqa: E402
 from iftune.evaluation.report import LEADERBOARD, markdown_table, summarize  # noqa: E402
@@ -88,11 +89,6 @@ def make_adapter(path: Path, base: Path, tok, answer: str) -> Path:
         lm_head.lora_B["default"].weight.zero_()
         lm_head.lora_B["default"].weight[tok.convert_tokens_to_ids(answer), 0] = 20.0
     model.save_pretrained(path)
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
