@@ -8,7 +8,6 @@ takes `inputs_embeds` and returns `hidden_states`), plain, PEFT-wrapped or DDP-w
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +16,15 @@ import torch
 from torch import nn
 
 from iftune.errors import UserError
-from iftune.lm_head import intuition_from_hidden, logit_transform, token_logprobs
-
-IGNORE_INDEX = -100
+from iftune.lm_head import intuition_from_hidden, logit_transform
+from iftune.modeling import (
+    IGNORE_INDEX,
+    hidden_states,
+    per_document,
+    trained_logprobs,
+    trained_targets,
+    unwrap_model,
+)
 
 PROPAGATIONS = ("loss", "logps", "mask")
 SIDES = ("left", "right")
@@ -247,7 +252,7 @@ def ift_loss(
     with torch.no_grad():
         model.eval()
         try:
-            hidden = _hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
+            hidden = hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
         finally:
             model.train(training)
         picked, tf_picked = intuition_from_hidden(
@@ -271,7 +276,7 @@ def ift_loss(
         tf_logp = tf_logp.masked_scatter(mask, tf_picked.to(logp.dtype))
 
     # Steps 5-6, per document: rows of a padded batch, or the documents of packed rows.
-    logp_d, mask_d, tf_d = _per_document(mask, position_ids, logp, tf_logp)
+    logp_d, mask_d, tf_d = per_document(mask, position_ids, logp, tf_logp)
     w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
     n = mask_d.sum(-1)
     n_seq = (n > 0).sum()  # sequences without a trained token add 0 and are not counted
@@ -291,36 +296,6 @@ def ift_loss(
                      n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
 
 
-def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, mask), both (B, T-1): the next token at each position and whether it is
-    trained. With packing, a document's first token is never predicted from the previous one."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    if position_ids is not None:
-        mask &= position_ids.expand_as(labels)[:, 1:] != 0
-    return targets, mask
-
-
-def trained_logprobs(
-    model: nn.Module,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    *,
-    chunk_size: int | None = None,
-    **inputs: torch.Tensor,
-) -> torch.Tensor:
-    """log p(targets) where `mask`, 0 elsewhere, (B, T-1), from one forward with gradient on
-    `inputs` (`input_ids` or `inputs_embeds`): the LM head runs at the trained positions only."""
-    base = unwrap_model(model)
-    scale, softcap = logit_transform(base.config)
-    hidden = _hidden_states(model, base, attention_mask, position_ids, **inputs)
-    picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
-                            scale=scale, softcap=softcap, chunk_size=chunk_size)
-    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
-
-
 def _mixed_inputs(table: nn.Module, input_ids: torch.Tensor, further: torch.Tensor,
                   lam: float | torch.Tensor) -> torch.Tensor:
     """Eq. 17, looking up E[further] only where it differs from the input token (elsewhere the
@@ -332,67 +307,6 @@ def _mixed_inputs(table: nn.Module, input_ids: torch.Tensor, further: torch.Tens
     return embeds.index_put(where, mix_embeddings(embeds[where], table(further[where]), lam))
 
 
-def _per_document(mask: torch.Tensor, position_ids: torch.Tensor | None, *values: torch.Tensor):
-    """Regroup (B, T-1) per-target values so that each row is one document.
-
-    Without `position_ids` the rows already are documents. With packing, target t+1 belongs to
-    the document that starts at the last `position_ids == 0` at or before t+1.
-    """
-    if position_ids is None:
-        return (*values[:1], mask, *values[1:])
-    doc, n_docs = _target_documents(position_ids)
-    offset = (position_ids[:, 1:] - 1).clamp_min(0)
-    width = int(offset[mask].max()) + 1 if mask.any() else 1
-    d, o = doc[mask], offset[mask]
-    regroup = [v.new_zeros(n_docs, width).index_put((d, o), v[mask]) for v in values]
-    mask_d = mask.new_zeros(n_docs, width).index_put((d, o), torch.ones_like(d, dtype=torch.bool))
-    return (regroup[0], mask_d, *regroup[1:])
-
-
-def _target_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Document index of each target position t+1 (B, T-1), and the number of documents."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    doc = starts.reshape(-1).cumsum(0).view_as(position_ids) - 1
-    return doc[:, 1:], int(doc[-1, -1]) + 1
-
-
-def sequence_count(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
-    """Sequences with at least one trained target: the denominator of the IFT loss (step 6)."""
-    _, mask = trained_targets(labels, position_ids)
-    if position_ids is None:
-        return int(mask.any(-1).sum())
-    doc, _ = _target_documents(position_ids.expand_as(labels))
-    return int(doc[mask].unique().numel())
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying Hugging Face model: strips DDP/FSDP-style `.module` and PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def _hidden_states(model: nn.Module, base: nn.Module, attention_mask, position_ids, **inputs) -> torch.Tensor:
-    """Final (normed) hidden states from the model's own forward, so that DDP, PEFT and
-    gradient checkpointing hooks all run; the LM head is applied to one position only."""
-    kwargs = dict(attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if _accepts(base, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    return model(**inputs, **kwargs).hidden_states[-1]
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 __all__ = [
     "IFTOutput",
     "discounted_cumsum",
@@ -400,8 +314,4 @@ __all__ = [
     "intuitive_tokens",
     "mix_embeddings",
     "relation_weights",
-    "sequence_count",
-    "trained_logprobs",
-    "trained_targets",
-    "unwrap_model",
 ]

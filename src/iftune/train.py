@@ -36,8 +36,9 @@ class DataArguments:
         metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."})
 
 
-def _classes(method: str) -> tuple[type, type]:
-    """(config class, trainer class) for a method; imported lazily (TRL is slow to import)."""
+def trainer_classes(method: str) -> tuple[type, type]:
+    """(config class, trainer class) of `method`, one of `METHODS`; imported lazily (TRL is slow
+    to import). SFT is TRL's SFTTrainer with the dropped-row count logged."""
     if method == "ift":
         from iftune.trainer import IFTConfig, IFTTrainer
 
@@ -64,7 +65,7 @@ def make_parser(method: str):
 
     from iftune.trainer import default_bf16
 
-    config_cls, _ = _classes(method)
+    config_cls, _ = trainer_classes(method)
     parser = TrlParser((DataArguments, config_cls, ModelConfig), prog=f"iftune {method}")
     defaults: dict[str, Any] = {"bf16": default_bf16(), "output_dir": f"outputs/{method}"}
     if method in ("sft", "ift"):
@@ -73,8 +74,9 @@ def make_parser(method: str):
     return parser
 
 
-def parse(method: str, argv: list[str]):
-    """(data_args, training_args, model_args) from YAML + flags; bad values are a UserError."""
+def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
+    """(script_args, training_args, model_args) from a YAML `--config` plus flags, exactly as
+    `iftune <method>` parses them; a bad value raises `UserError`."""
     parser = make_parser(method)
     if "--config" in argv:
         path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
@@ -128,7 +130,7 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
         raise UserError(f"model '{model_args.model_name_or_path}': the tokenizer has no chat template, "
                         f"which conversational data needs")
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    _, trainer_cls = _classes(method)
+    _, trainer_cls = trainer_classes(method)
     return trainer_cls(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -138,20 +140,31 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     )
 
 
-def run(method: str, argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    data_args, training_args, model_args = parse(method, argv)
-    trainer = build_trainer(method, data_args, training_args, model_args)
+def train(method: str, script_args: DataArguments, training_args, model_args):
+    """Build the trainer of `method`, train, save the model (or adapter), tokenizer and
+    `trainer_state.json` to `training_args.output_dir`, and return the trainer.
+
+    The library call behind `iftune <method>`: it sets up no logging and changes no
+    environment variable; bad input raises `UserError`.
+    """
     resume = training_args.resume_from_checkpoint
     if resume and resume not in ("true", "True") and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
+    trainer = build_trainer(method, script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         logger.info("saved %s model to %s", method, training_args.output_dir)
+    return trainer
+
+
+def run(method: str, argv: list[str]) -> int:
+    """`iftune <method> ...`: logging to the console, then `train(method, *parse(method, argv))`."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(method, *parse(method, argv))
     return 0
 
 
@@ -171,4 +184,4 @@ def main_orpo(argv: list[str]) -> int:
     return run("orpo", argv)
 
 
-__all__ = ["DataArguments", "METHODS", "build_trainer", "make_parser", "parse", "run"]
+__all__ = ["DataArguments", "METHODS", "build_trainer", "make_parser", "parse", "run", "train", "trainer_classes"]

@@ -21,9 +21,8 @@ from iftune.objective import (
     check_relation_options,
     check_unit,
     ift_loss,
-    sequence_count,
-    unwrap_model,
 )
+from iftune.modeling import sequence_count, unwrap_model
 
 logger = logging.getLogger(__name__)
 

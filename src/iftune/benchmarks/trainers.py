@@ -153,7 +153,7 @@ def make_dataset(method: str, sizes: Sizes, rows: int, seed: int):
 
 
 def _path_sft_class():
-    import iftune.objective as objective  # looked up at call time, so the profiler's timers see it
+    import iftune.modeling as modeling  # looked up at call time, so the profiler's timers see it
     from iftune.trainer import IFTTrainer
 
     class PathSFTTrainer(IFTTrainer):
@@ -162,8 +162,8 @@ def _path_sft_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             position_ids = inputs.get("position_ids")
-            targets, mask = objective.trained_targets(inputs["labels"], position_ids)
-            logp = objective.trained_logprobs(model, targets, mask, inputs.get("attention_mask"), position_ids,
+            targets, mask = modeling.trained_targets(inputs["labels"], position_ids)
+            logp = modeling.trained_logprobs(model, targets, mask, inputs.get("attention_mask"), position_ids,
                                               input_ids=inputs["input_ids"])
             loss_sum = (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
             loss = self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
@@ -182,8 +182,8 @@ def _wide(logits):
 def _naive_ift_class():
     import torch
 
-    from iftune.objective import (IGNORE_INDEX, intuitive_tokens, mix_embeddings, relation_weights,
-                                  unwrap_model)
+    from iftune.modeling import IGNORE_INDEX, unwrap_model
+    from iftune.objective import intuitive_tokens, mix_embeddings, relation_weights
     from iftune.trainer import IFTTrainer
 
     class NaiveIFTTrainer(IFTTrainer):
@@ -230,14 +230,14 @@ def build_trainer(method: str, sizes: Sizes, model, steps: int, opt: Options, ou
     """The real trainer of `method` on `model` (trained in place) and its own dataset."""
     from transformers import PrinterCallback
 
-    from iftune.train import _classes
+    from iftune.train import trainer_classes
 
     common = _common_args(sizes, steps, opt, out_dir)
     dataset = make_dataset(method, sizes, sizes.batch * steps, opt.seed)
     tokenizer = make_tokenizer(sizes.vocab)
     kwargs: dict[str, Any] = {}
     if method in _SFT_LIKE:
-        config_cls, trainer_cls = _classes("sft" if method == "trl_sft" else "ift")
+        config_cls, trainer_cls = trainer_classes("sft" if method == "trl_sft" else "ift")
         if method == "sft":
             trainer_cls = _path_sft_class()
         elif method == "naive_ift":
@@ -245,10 +245,10 @@ def build_trainer(method: str, sizes: Sizes, model, steps: int, opt: Options, ou
         elif method == "ift_trl_head":
             common["lm_head"] = "trl"
     elif method == "dpo":
-        config_cls, trainer_cls = _classes("dpo")
+        config_cls, trainer_cls = trainer_classes("dpo")
         kwargs["ref_model"] = copy.deepcopy(model)  # an in-memory model has no path to reload it from
     elif method == "orpo":
-        config_cls, trainer_cls = _classes("orpo")
+        config_cls, trainer_cls = trainer_classes("orpo")
         common["remove_unused_columns"] = False  # its collator needs every column (it says so otherwise)
     else:
         raise UserError(f"unknown method '{method}'; expected one of {', '.join(METHODS)}")

@@ -81,19 +81,18 @@ def quiet():
 
 def fine_tune(command: str, base: Path, train_file: Path, out: Path, steps: int, seed: int,
               extra: list[str]) -> list[dict]:
-    """Fine-tune `base` with `iftune <command>` exactly as a user would; returns its log history."""
-    from iftune.cli import main as cli_main
+    """Fine-tune `base` through `iftune.train` with the arguments a user would give `iftune <command>`;
+    returns its log history (a `UserError` reaches the caller as it is)."""
+    from iftune.train import parse, train
 
-    argv = [command, "--model_name_or_path", str(base), "--dataset_name", str(train_file),
+    argv = [ "--model_name_or_path", str(base), "--dataset_name", str(train_file),
             "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(LEARNING_RATE),
             "--per_device_train_batch_size", str(BATCH_SIZE), "--seed", str(seed),
             "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true",
             "--save_strategy", "no", *extra]
     with quiet():
-        rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"`iftune {' '.join(argv)}` exited with status {rc}")
-    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+        trainer = train(command, *parse(command, argv))
+    return trainer.state.log_history
 
 
 def curves(history: list[dict]) -> tuple[list[list[float]], list[list[float]]]:

@@ -1,0 +1,118 @@
+"""Model plumbing shared by the IFT objective and the same-path baselines: which positions are
+trained, one forward to the final hidden state, the LM head at trained positions, and the
+regrouping of packed rows into documents. Pure torch; no Hugging Face import.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from iftune.lm_head import logit_transform, token_logprobs
+
+IGNORE_INDEX = -100
+
+
+def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask), both (B, T-1): the next token at each position and whether it is
+    trained. With packing, a document's first token is never predicted from the previous one."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if position_ids is not None:
+        mask &= position_ids.expand_as(labels)[:, 1:] != 0
+    return targets, mask
+
+
+def trained_logprobs(
+    model: nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
+    """log p(targets) where `mask`, 0 elsewhere, (B, T-1), from one forward with gradient on
+    `inputs` (`input_ids` or `inputs_embeds`): the LM head runs at the trained positions only."""
+    base = unwrap_model(model)
+    scale, softcap = logit_transform(base.config)
+    hidden = hidden_states(model, base, attention_mask, position_ids, **inputs)
+    picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
+                            scale=scale, softcap=softcap, chunk_size=chunk_size)
+    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+
+
+def per_document(mask: torch.Tensor, position_ids: torch.Tensor | None, *values: torch.Tensor):
+    """Regroup (B, T-1) per-target values so that each row is one document.
+
+    Without `position_ids` the rows already are documents. With packing, target t+1 belongs to
+    the document that starts at the last `position_ids == 0` at or before t+1.
+    """
+    if position_ids is None:
+        return (*values[:1], mask, *values[1:])
+    doc, n_docs = target_documents(position_ids)
+    offset = (position_ids[:, 1:] - 1).clamp_min(0)
+    width = int(offset[mask].max()) + 1 if mask.any() else 1
+    d, o = doc[mask], offset[mask]
+    regroup = [v.new_zeros(n_docs, width).index_put((d, o), v[mask]) for v in values]
+    mask_d = mask.new_zeros(n_docs, width).index_put((d, o), torch.ones_like(d, dtype=torch.bool))
+    return (regroup[0], mask_d, *regroup[1:])
+
+
+def target_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document index of each target position t+1 (B, T-1), and the number of documents."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc = starts.reshape(-1).cumsum(0).view_as(position_ids) - 1
+    return doc[:, 1:], int(doc[-1, -1]) + 1
+
+
+def sequence_count(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
+    """Sequences with at least one trained target: the denominator of the IFT loss (step 6)."""
+    _, mask = trained_targets(labels, position_ids)
+    if position_ids is None:
+        return int(mask.any(-1).sum())
+    doc, _ = target_documents(position_ids.expand_as(labels))
+    return int(doc[mask].unique().numel())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying Hugging Face model: strips DDP/FSDP-style `.module` and PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def hidden_states(model: nn.Module, base: nn.Module, attention_mask, position_ids, **inputs) -> torch.Tensor:
+    """Final (normed) hidden states from the model's own forward, so that DDP, PEFT and
+    gradient checkpointing hooks all run; the LM head is applied to one position only."""
+    kwargs = dict(attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if accepts(base, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    return model(**inputs, **kwargs).hidden_states[-1]
+
+
+def accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "hidden_states",
+    "per_document",
+    "sequence_count",
+    "target_documents",
+    "trained_logprobs",
+    "trained_targets",
+    "unwrap_model",
+]
