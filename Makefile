@@ -1,11 +1,12 @@
-# The README's two commands: `make demo` and `make test`. Both build the same virtual
+# The README's two commands: `make demo` and `make test`; `make test-fast` skips the slow
+# (multi-process, end-to-end) tests; `make lint` is ruff's check and format check. Both build the same virtual
 # environment; torch is the CPU wheel 2.13.0 when no torch is present.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.iftune-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from iftune.tiny import llama, word_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("the a is of and to in what how many two three four five plus minus equals yes no "
-         "cat dog sky blue red green answer question one six seven eight nine ten").split()
+WORDS = (
+    "the a is of and to in what how many two three four five plus minus equals yes no "
+    "cat dog sky blue red green answer question one six seven eight nine ten"
+).split()
 
 # Assistant content and its end-of-turn token inside {% generation %}: TRL's assistant masks.
 CHAT_TEMPLATE = (
@@ -26,28 +30,13 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<system>"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """The tests' word-level tokenizer over `WORDS`, with the chat template."""
+    return word_tokenizer(WORDS, CHAT_TEMPLATE)
 
 
 def build_model(vocab_size: int, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-               tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
+    """The tests' tiny Llama (`iftune.tiny.TINY_LLAMA` unless overridden)."""
+    return llama(vocab_size, seed, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +49,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def _sentence(g: torch.Generator, low: int, high: int) -> str:
+    """low to high-1 random words of `WORDS`."""
+    n = int(torch.randint(low, high, (1,), generator=g))
+    return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=g))
+
+
 def conversations(n: int, seed: int = 0) -> list[dict]:
+    """`n` one-turn chats (`messages`) of random words."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
-        q = [WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)]
-        a = [WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(2, 8, (1,), generator=g)),), generator=g)]
-        rows.append({"messages": [{"role": "user", "content": " ".join(q)},
-                                  {"role": "assistant", "content": " ".join(a)}]})
+        q, a = _sentence(g, 2, 6), _sentence(g, 2, 8)
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return rows
 
 
@@ -84,7 +78,7 @@ def chat_file(tmp_path) -> Path:
 @pytest.fixture
 def preference_file(tmp_path) -> Path:
     rows = []
-    for i, r in enumerate(conversations(16, seed=1)):
+    for r in conversations(16, seed=1):
         prompt, chosen = r["messages"]
         rejected = {"role": "assistant", "content": " ".join(reversed(chosen["content"].split()))}
         rows.append({"prompt": [prompt], "chosen": [chosen], "rejected": [rejected]})

@@ -1,4 +1,5 @@
-"""`iftune bench`: the quick run's JSON, the two benchmark-only losses, the step relay."""
+"""`iftune bench`: the quick and tiny-preset runs' JSON, the two benchmark-only losses, the step
+relay, the CUDA branch on a CPU stand-in, the shared-weights trainers, the tiny builders."""
 
 from __future__ import annotations
 
@@ -13,23 +14,34 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from iftune.benchmarks import trainers as bench  # noqa: E402
-from iftune.errors import UserError  # noqa: E402
-from iftune.objective import ift_loss  # noqa: E402
+from iftune.benchmarks.baselines import NaiveIFTTrainer, PathSFTTrainer
+from iftune.benchmarks.command import PRESET_METHODS, main
+from iftune.benchmarks.measure import Clock, peak_during, time_interleaved
+from iftune.benchmarks.profile import IFT_RANGES
+from iftune.benchmarks.setup import METHODS, TRAINER_OF, Sizes, is_preference, make_model, shared_copies
+from iftune.errors import UserError
+from iftune.objective import ift_loss
+from iftune.tiny import SPECIALS, numbered_tokenizer
 
-RATIO_KEYS = {"ift_over_sft_time", "ift_over_sft_memory", "ift_over_trl_sft_time",
-              "ift_over_dpo_time_per_example", "ift_over_orpo_time_per_example",
-              "naive_over_ift_memory", "naive_over_ift_time"}
+RATIO_KEYS = {
+    "ift_over_sft_time",
+    "ift_over_sft_memory",
+    "ift_over_trl_sft_time",
+    "ift_over_dpo_time_per_example",
+    "ift_over_orpo_time_per_example",
+    "naive_over_ift_memory",
+    "naive_over_ift_time",
+}
 
 
 def test_quick_run_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--profile", "--json", str(out)]) == 0
+    assert main(["--quick", "--profile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == RATIO_KEYS
     for key, value in result["ratios"].items():
         assert math.isfinite(value) and value > 0, key
-    assert set(result["methods"]) == set(bench.METHODS)
+    assert set(result["methods"]) == set(METHODS)
     for method, row in result["methods"].items():
         for key in ("step_s", "example_s", "tokens_per_s", "step_peak_mb", "process_peak_mb"):
             assert math.isfinite(row[key]) and row[key] > 0, (method, key)
@@ -41,11 +53,14 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
     assert result["methods"]["orpo"]["tokens_per_step"] == 2 * batch * seq
     assert [p["seq"] for p in result["sweep"]] == [24, 48]
     assert all(p["ift_over_sft_time"] > 0 for p in result["sweep"])
-    ift, sft = result["profile"]["phases_s"]["ift"], result["profile"]["phases_s"]["sft"]
-    assert "intuition body forward (no grad)" in ift and "intuition body forward (no grad)" not in sft
-    for phases in (ift, sft):  # the phases are parts of the step
-        assert phases["forward total"] + phases["backward"] <= phases["step"] + 1e-9
-        assert phases["training body forward"] <= phases["forward total"]
+    prof = result["profile"]
+    ift, sft = prof["phases_s"]["ift"], prof["phases_s"]["sft"]
+    # The objective's own ranges, each a part of the step; the SFT step has its one pass.
+    assert set(IFT_RANGES) <= set(ift) and not set(IFT_RANGES) & set(sft)
+    assert "sft.training_pass" in sft
+    for phases in (ift, sft):  # the ranges are parts of the step: what is left is not negative
+        assert phases["backward and the rest"] >= 0
+    assert 0 < prof["intuition_share"] < 1
     printed = capsys.readouterr().out
     assert "ift_over_sft_time" in printed and "naive_ift" in printed
 
@@ -54,8 +69,8 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
 
 
 def _tiny(dtype=torch.float64):
-    sizes = bench.Sizes(vocab=50, hidden=16, layers=1, heads=2, intermediate=32, batch=3, seq=12, prompt=4)
-    model = bench.make_model(sizes, seed=1, max_positions=16).to(dtype)
+    sizes = Sizes(vocab=50, hidden=16, layers=1, heads=2, intermediate=32, batch=3, seq=12, prompt=4)
+    model = make_model(sizes, seed=1, max_positions=16).to(dtype)
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 50, (3, 12), generator=gen)
     labels = ids.clone()
@@ -67,17 +82,24 @@ def _tiny(dtype=torch.float64):
 def _stub(tmp_path, **overrides):
     from iftune.trainer import IFTConfig, IFTTrainer
 
-    args = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
-                     activation_checkpointing=False, **overrides)
-    stub = SimpleNamespace(args=args, state=SimpleNamespace(global_step=0),
-                           accelerator=SimpleNamespace(num_processes=1))
+    args = IFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        activation_checkpointing=False,
+        **overrides,
+    )
+    stub = SimpleNamespace(
+        args=args, state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(num_processes=1)
+    )
     stub.window_mean = lambda *a: IFTTrainer.window_mean(stub, *a)
     return stub
 
 
 def test_path_sft_is_per_sequence_cross_entropy(tmp_path):
     model, inputs = _tiny()
-    loss = bench._path_sft_class().compute_loss(_stub(tmp_path), model, inputs)
+    loss = PathSFTTrainer.compute_loss(_stub(tmp_path), model, inputs)
     # Independent: full logits, log-softmax, per-sequence mean, mean over sequences.
     logits = model(input_ids=inputs["input_ids"]).logits[:, :-1]
     targets = inputs["labels"][:, 1:]
@@ -93,10 +115,10 @@ def test_path_sft_is_per_sequence_cross_entropy(tmp_path):
 def test_naive_ift_matches_chunked_ift(tmp_path):
     model, inputs = _tiny()
     stub = _stub(tmp_path, max_lambda=0.3, gamma=0.9)
-    naive = bench._naive_ift_class().compute_loss(stub, model, inputs)
+    naive = NaiveIFTTrainer.compute_loss(stub, model, inputs)
     chunked = ift_loss(model, inputs["input_ids"], inputs["labels"], inputs["attention_mask"], lam=0.3, gamma=0.9)
     assert naive.item() == pytest.approx(chunked.loss.item(), abs=1e-10)
-    sft = bench._path_sft_class().compute_loss(stub, model, inputs)
+    sft = PathSFTTrainer.compute_loss(stub, model, inputs)
     assert abs(naive.item() - sft.item()) > 1e-6  # lam and gamma do change the loss
 
 
@@ -126,7 +148,7 @@ class _FakeTrainer:
 def test_relay_interleaves_and_skips_warmup():
     log: list[str] = []
     fakes = {n: _FakeTrainer(n, 4, log) for n in ("a", "b", "c")}
-    times = bench.time_interleaved(fakes, warmup=1, cuda=False)
+    times = time_interleaved(fakes, warmup=1)
     assert log == ["a", "b", "c"] * 4
     assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
@@ -136,17 +158,168 @@ def test_relay_reports_a_failing_trainer():
     fakes = {"a": _FakeTrainer("a", 2, log), "b": _FakeTrainer("b", 2, log)}
     fakes["b"].train = lambda: (_ for _ in ()).throw(ValueError("boom"))
     with pytest.raises(RuntimeError, match="the b trainer failed"):
-        bench.time_interleaved(fakes, warmup=0, cuda=False)
+        time_interleaved(fakes, warmup=0)
     assert log == ["a", "a"]
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--prompt", "600"], "--prompt"),
-    (["--hidden", "250"], "--hidden"),
-    (["--steps", "0"], "--steps"),
-    (["--sweep", "4"], "--sweep"),
-    (["--json", "/no/such/dir/x.json", "--quick"], "--json"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--prompt", "600"], "--prompt"),
+        (["--hidden", "250"], "--hidden"),
+        (["--steps", "0"], "--steps"),
+        (["--sweep", "4"], "--sweep"),
+        (["--json", "/no/such/dir/x.json", "--quick"], "--json"),
+        (["--preset", "tiny", "--methods", "ift", "--profile"], "--profile"),
+        (["--preset", "tiny", "--heads", "3"], "--heads"),
+    ],
+)
 def test_bad_options_are_user_errors(argv, field):
     with pytest.raises(UserError, match=field):
-        bench.main(argv)
+        main(argv)
+
+
+# --------------------------------------------------------------------------- presets and bf16
+
+
+def test_tiny_preset_in_bf16(tmp_path, capsys):
+    """The preset path (Qwen2 architecture, tied head, grouped-query attention, cut depth) with
+    bf16 mixed precision ON, the output folder spelled as the training commands spell it."""
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--precision",
+                "bf16",
+                "--no-sweep",
+                "--steps",
+                "1",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "out" / "bench-tiny-bf16.json").read_text())
+    assert result["label"] == "tiny shape, 1 of 2 layers" and result["precision"] == "bf16"
+    assert tuple(result["methods"]) == PRESET_METHODS
+    # Issue 14's four targets, and only those, are judged at a preset.
+    assert set(result["targets"]) == {
+        "ift_over_sft_time",
+        "ift_over_sft_memory",
+        "naive_over_ift_memory",
+        "ift_over_trl_sft_time",
+    }
+    assert result["targets"]["naive_over_ift_memory"]["bound"] == ">= 2.0"
+    assert "tiny shape, 1 of 2 layers" in capsys.readouterr().out
+
+
+def test_preset_model_has_the_real_layout():
+    from iftune.benchmarks.setup import PRESETS
+
+    sizes = PRESETS["qwen2.5-0.5b"]
+    assert sizes.label() == f"Qwen2.5-0.5B shape, {sizes.layers} of 24 layers"
+    small = Sizes(**{**sizes.__dict__, "vocab": 300, "hidden": 28, "intermediate": 40, "heads": 14})
+    model = make_model(small, seed=0, max_positions=64, precision="bf16-weights")
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_attention_heads, cfg.num_key_value_heads) == ("qwen2", 14, 2)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- the CUDA branch, on a stand-in
+
+
+class _FakeCuda:
+    """What the benchmark calls of `torch.cuda`, on a fake clock and a fake allocator: each
+    `Event.record` reads a clock that advances 250 ms per read; memory is what `run` allocates."""
+
+    def __init__(self) -> None:
+        self.now_ms, self.syncs, self.allocated, self.peak = 0.0, 0, 100 * 2**20, 0
+
+    def Event(self, enable_timing: bool = False):  # noqa: N802 (torch's name)
+        cuda = self
+        assert enable_timing
+
+        class Event:
+            def record(self):
+                cuda.now_ms += 250.0
+                self.at = cuda.now_ms
+
+            def synchronize(self):
+                cuda.syncs += 1
+
+            def elapsed_time(self, end) -> float:
+                return end.at - self.at
+
+        return Event()
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def reset_peak_memory_stats(self) -> None:
+        self.peak = self.allocated
+
+    def memory_allocated(self) -> int:
+        return self.allocated
+
+    def max_memory_allocated(self) -> int:
+        return self.peak
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_cuda_timing_uses_events():
+    cuda = _FakeCuda()
+    log: list[str] = []
+    fakes = {n: _FakeTrainer(n, 3, log) for n in ("a", "b")}
+    times = time_interleaved(fakes, warmup=1, clock=Clock(cuda))
+    # Start and end events are consecutive records: 250 ms per step, whatever the host clock says.
+    assert times == {"a": [0.25, 0.25], "b": [0.25, 0.25]}
+    assert cuda.syncs >= 12  # a device sync before each step and on each end event
+
+
+def test_cuda_memory_is_peak_allocated_above_the_start():
+    cuda = _FakeCuda()
+
+    def run():
+        cuda.alloc(300 * 2**20)
+        cuda.alloc(-250 * 2**20)
+
+    got = peak_during(run, cuda)
+    assert got == {"process_peak_mb": 400.0, "step_peak_mb": 300.0}
+
+
+# --------------------------------------------------------------------------- shared weights, method lists, tokenizer
+
+
+def test_shared_copies_share_parameters_not_modules():
+    model = make_model(Sizes(vocab=40, hidden=8, layers=1, heads=2, intermediate=16), seed=0, max_positions=16)
+    a, b = shared_copies(model, 2)
+    assert a is not b and a.model is not b.model
+    for pa, pb, p in zip(a.parameters(), b.parameters(), model.parameters()):
+        assert pa is pb is p
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)  # an optimizer step through one trainer moves all
+    ids = torch.tensor([[8, 9, 10]])
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_method_lists_agree():
+    from iftune.data import PREFERENCE_METHODS
+    from iftune.train import METHODS as TRAIN_METHODS
+
+    assert set(TRAINER_OF.values()) == set(TRAIN_METHODS)
+    assert {m for m in METHODS if is_preference(m)} == set(PREFERENCE_METHODS)
+
+
+def test_numbered_tokenizer_is_one_token_per_word():
+    tok = numbered_tokenizer(50)
+    assert len(tok) == 50
+    assert tok("t7 t49 t12", add_special_tokens=False)["input_ids"] == [7, 49, 12]
+    assert tok.convert_ids_to_tokens([0, 2]) == [SPECIALS[0], SPECIALS[2]] == [tok.pad_token, tok.eos_token]
+    with pytest.raises(ValueError, match="vocab_size"):
+        numbered_tokenizer(len(SPECIALS))

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
     "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
-    "bench": ("iftune.benchmarks.trainers", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
+    "bench": ("iftune.benchmarks.command", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
 }
 
 

@@ -1,119 +1,116 @@
 """Where an IFT step's time goes, next to the same-path SFT step (`iftune bench --profile`).
 
-Each phase of `iftune.objective.ift_loss` is timed by wrapping the functions it calls (the
-body forward, the intuition head, the mixing, the training head, the relation weights);
-the backward and the optimizer step are timed around their calls. A torch.profiler run of
-one IFT step gives the operators that dominate.
+Both trainers run their own `train()` (their data, their autocast) under `torch.profiler`, one
+profile per step after a warm-up step. The phases are the `record_function` ranges that
+`iftune.objective.ift_loss` opens (`ift.*`), the SFT baseline's training pass (`sft.*`) and the
+optimizer's own range; what is left of the step is the backward, clipping and the trainer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 import time
 from collections import defaultdict
 from typing import Any
 
-import iftune.objective as objective
+# The ranges of `ift_loss`, in the order they run; the intuition pass is the first two.
+IFT_RANGES = (
+    "ift.intuition_forward",
+    "ift.intuition_head",
+    "ift.mix",
+    "ift.training_forward",
+    "ift.training_head",
+    "ift.relation_weights",
+)
+SFT_RANGES = ("sft.training_pass",)
+INTUITION = ("ift.intuition_forward", "ift.intuition_head")
+OPTIMIZER = "optimizer step"
 
-# Functions of iftune.objective that ift_loss calls, and the phase each one is.
-_WRAPPED = {
-    # The intuition or the training body forward, told apart by grad mode (the path-SFT
-    # baseline calls this and token_logprobs through the module too).
-    "_hidden_states": None,
-    "intuition_from_hidden": "intuition head: argmax + teacher-forced log-prob",
-    "intuitive_tokens": "intuitive tokens + mixing",
-    "mix_embeddings": "intuitive tokens + mixing",
-    "token_logprobs": "training head forward",
-    "relation_weights": "relation weights",
-}
+
+def _phases(prof, seconds: float) -> dict[str, float]:
+    """Seconds per range of one profiled step, the optimizer step and the rest of the step."""
+    phases: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key in IFT_RANGES or event.key in SFT_RANGES:
+            phases[event.key] += event.cpu_time_total / 1e6
+        elif event.key.startswith("Optimizer.step#"):
+            phases[OPTIMIZER] += event.cpu_time_total / 1e6
+    phases["step"] = seconds
+    phases["backward and the rest"] = seconds - sum(v for k, v in phases.items() if k != "step")
+    return dict(phases)
 
 
-@contextlib.contextmanager
-def _phase_timers(totals: dict[str, float]):
-    """Wrap the objective's helpers so that each call adds its wall time to its phase."""
+def _profiler_callback(warmup: int, keep: dict[str, Any]):
     import torch
+    from transformers import TrainerCallback
 
-    originals = {name: getattr(objective, name) for name in _WRAPPED}
+    class Profiled(TrainerCallback):
+        """Profiles every step after `warmup`: its phases into keep["steps"], its profiler into keep["last"]."""
 
-    def wrap(name, fn):
-        def timed(*args, **kwargs):
-            phase = _WRAPPED[name] or ("training body forward" if torch.is_grad_enabled()
-                                       else "intuition body forward (no grad)")
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[phase] += time.perf_counter() - start
-        return timed
+        prof, start = None, 0.0
 
-    for name, fn in originals.items():
-        setattr(objective, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(objective, name, fn)
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= warmup:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.prof.__enter__()
+                self.start = time.perf_counter()
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None:
+                seconds = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
+                keep["steps"].append(_phases(self.prof, seconds))
+                keep["last"], self.prof = self.prof, None
 
-def _one_step(trainer, batch, totals: dict[str, float]) -> None:
-    model = trainer.model
-    start = time.perf_counter()
-    loss = trainer.compute_loss(model, batch)
-    totals["forward total"] += time.perf_counter() - start
-    mark = time.perf_counter()
-    loss.backward()
-    totals["backward"] += time.perf_counter() - mark
-    mark = time.perf_counter()
-    trainer.optimizer.step()
-    model.zero_grad()
-    totals["optimizer step"] += time.perf_counter() - mark
-    totals["step"] += time.perf_counter() - start
+    return Profiled()
 
 
 def profile_steps(sizes, opt, steps: int = 3, top: int = 10) -> dict[str, Any]:
-    """Median seconds per phase of `steps` IFT and same-path SFT steps (alternated, after one
-    warm-up each), and the `top` operators of one IFT step by self CPU time."""
-    import torch
+    """Median seconds per phase of `steps` IFT and same-path SFT steps (after one warm-up
+    each), the intuition pass's share of the IFT step, and the `top` operators of one IFT step
+    by self CPU time."""
+    from iftune.benchmarks.setup import shared_trainers
 
-    from iftune.benchmarks.trainers import build_trainer, make_model
-
-    phases: dict[str, dict[str, list[float]]] = {"ift": defaultdict(list), "sft": defaultdict(list)}
+    kept = {m: {"steps": [], "last": None} for m in ("ift", "sft")}
     with tempfile.TemporaryDirectory() as out:
-        trainers, batches = {}, {}
-        for method in phases:
-            trainer = build_trainer(method, sizes, make_model(sizes, opt.seed, sizes.seq), steps + 2, opt, out)
-            trainer.create_optimizer_and_scheduler(num_training_steps=steps + 2)
-            trainer.model.train()
-            trainers[method] = trainer
-            batches[method] = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        with _phase_timers(defaultdict(float)):
-            for method, trainer in trainers.items():
-                _one_step(trainer, batches[method], defaultdict(float))  # warm-up
-        for _ in range(steps):
-            for method, trainer in trainers.items():
-                totals: dict[str, float] = defaultdict(float)
-                with _phase_timers(totals):
-                    _one_step(trainer, batches[method], totals)
-                for phase, seconds in totals.items():
-                    phases[method][phase].append(seconds)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            _one_step(trainers["ift"], batches["ift"], defaultdict(float))
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        trainers = shared_trainers(list(kept), sizes, steps + 1, opt, out)
+        for method, trainer in trainers.items():
+            trainer.add_callback(_profiler_callback(1, kept[method]))
+            trainer.train()
+    phases = {}
+    for method, keep in kept.items():
+        names = {k for step in keep["steps"] for k in step}
+        phases[method] = {k: statistics.median(step.get(k, 0.0) for step in keep["steps"]) for k in names}
+    ift = phases["ift"]
+    ops = sorted(kept["ift"]["last"].key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = [e for e in ops if not e.key.startswith(("ift.", "Optimizer.", "ProfilerStep"))]
     total = sum(e.self_cpu_time_total for e in ops) or 1.0
     return {
-        "phases_s": {m: {p: statistics.median(v) for p, v in ph.items()} for m, ph in phases.items()},
-        "ift_top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-                         "calls": e.count} for e in ops[:top]],
+        "phases_s": phases,
+        "intuition_share": sum(ift.get(k, 0.0) for k in INTUITION) / ift["step"],
+        "ift_top_ops": [
+            {
+                "op": e.key,
+                "self_s": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / total,
+                "calls": e.count,
+            }
+            for e in ops[:top]
+        ],
     }
 
 
 def format_profile(prof: dict[str, Any]) -> str:
+    """The profile as a text table."""
     ift, sft = prof["phases_s"]["ift"], prof["phases_s"]["sft"]
-    lines = [f"{'phase (median s)':<52} {'ift':>7} {'sft':>7}"]
-    for phase in sorted(set(ift) | set(sft), key=lambda p: (p == "step", p)):
-        lines.append(f"{phase:<52} {ift.get(phase, 0.0):>7.3f} {sft.get(phase, 0.0):>7.3f}")
+    order = [*IFT_RANGES, *SFT_RANGES, OPTIMIZER, "backward and the rest", "step"]
+    lines = [f"{'phase (median s)':<28} {'ift':>7} {'sft':>7}"]
+    for phase in order:
+        if phase in ift or phase in sft:
+            cells = [f"{d[phase]:>7.3f}" if phase in d else f"{'-':>7}" for d in (ift, sft)]
+            lines.append(f"{phase:<28} {' '.join(cells)}")
+    lines.append(f"intuition pass share of the IFT step: {prof['intuition_share']:.1%}")
     lines.append("")
     lines.append(f"{'top operators of one IFT step':<40} {'self s':>7} {'share':>6} {'calls':>6}")
     for op in prof["ift_top_ops"]:
@@ -121,4 +118,4 @@ def format_profile(prof: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_profile", "profile_steps"]
+__all__ = ["IFT_RANGES", "format_profile", "profile_steps"]

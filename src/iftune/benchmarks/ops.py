@@ -9,7 +9,7 @@ For a batch of B sequences of T positions this prints, as the median of several 
   V=32000, so the reference runs on as many rows as fit in `--ref-gib` and is scaled to B
   (its cost is linear in rows); the table says how many rows were timed.
 
-Run: `python -m iftune.benchmarks.objective [--device cuda] [--threads 1]`.
+Run: `python -m iftune.benchmarks.ops [--device cuda] [--threads 1]`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def bench_length(b: int, t: int, vocab: int, ref_gib: float, repeats: int, devic
     logps = (-torch.rand(b, t, generator=g) * 5).to(device)
     mask = torch.zeros(b, t, dtype=torch.bool)
     for row in range(b):
-        mask[row, t // 8: t - row * t // (4 * b)] = True
+        mask[row, t // 8 : t - row * t // (4 * b)] = True
     mask = mask.to(device)
 
     cumsum = median_seconds(lambda: torch.cumsum(x, -1), repeats, device)
@@ -60,13 +60,20 @@ def bench_length(b: int, t: int, vocab: int, ref_gib: float, repeats: int, devic
     rows = max(1, min(b, int(ref_gib * 2**30 // (t * vocab * 4))))
     logits = torch.randn(rows, t, vocab, generator=g).to(device)
     softmax = median_seconds(lambda: torch.log_softmax(logits, -1), repeats, device) * b / rows
-    del logits
-    return dict(T=t, cumsum_ms=cumsum * 1e3, dcs=forward / cumsum, dcs_rev=backward / cumsum,
-                weights_ms=weights * 1e3, log_softmax_ms=softmax * 1e3, rw=weights / softmax, rows=rows)
+    return dict(
+        T=t,
+        cumsum_ms=cumsum * 1e3,
+        dcs=forward / cumsum,
+        dcs_rev=backward / cumsum,
+        weights_ms=weights * 1e3,
+        log_softmax_ms=softmax * 1e3,
+        rw=weights / softmax,
+        rows=rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iftune.benchmarks.objective", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iftune.benchmarks.ops", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--vocab", type=int, default=32000)
@@ -79,14 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    print(f"B={args.batch}, V={args.vocab}, float32, {device}, {torch.get_num_threads()} CPU threads, "
-          f"median of {args.repeats}; gamma=0.95, relation_weights defaults")
-    print(f"{'T':>6} {'cumsum ms':>10} {'dcs/cumsum':>11} {'dcs rev/cumsum':>15} "
-          f"{'weights ms':>11} {'log_softmax ms':>15} {'weights/log_softmax':>20} {'ref rows':>9}")
+    print(
+        f"B={args.batch}, V={args.vocab}, float32, {device}, {torch.get_num_threads()} CPU threads, "
+        f"median of {args.repeats}; gamma=0.95, relation_weights defaults"
+    )
+    print(
+        f"{'T':>6} {'cumsum ms':>10} {'dcs/cumsum':>11} {'dcs rev/cumsum':>15} "
+        f"{'weights ms':>11} {'log_softmax ms':>15} {'weights/log_softmax':>20} {'ref rows':>9}"
+    )
     for t in args.lengths:
         r = bench_length(args.batch, t, args.vocab, args.ref_gib, args.repeats, device)
-        print(f"{r['T']:>6} {r['cumsum_ms']:>10.3f} {r['dcs']:>11.1f} {r['dcs_rev']:>15.1f} "
-              f"{r['weights_ms']:>11.3f} {r['log_softmax_ms']:>15.1f} {r['rw']:>20.5f} {r['rows']:>9}")
+        print(
+            f"{r['T']:>6} {r['cumsum_ms']:>10.3f} {r['dcs']:>11.1f} {r['dcs_rev']:>15.1f} "
+            f"{r['weights_ms']:>11.3f} {r['log_softmax_ms']:>15.1f} {r['rw']:>20.5f} {r['rows']:>9}"
+        )
     return 0
 
 

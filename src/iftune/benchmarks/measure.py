@@ -1,0 +1,283 @@
+"""Timing and peak memory of training steps, on the CPU or on CUDA.
+
+Timing: each trainer runs its own `trainer.train()` in a thread; a callback lets exactly one
+thread run between `on_step_begin` and its next `on_step_begin`, in a fixed order
+(A B C D A B C D ...), so drift hits all methods alike and no method's data loading or logging
+overlaps another's timed step. A step is `on_step_begin` -> `on_step_end`: forward, backward,
+clipping and the optimizer step of one batch (collation is not timed), measured on the host
+clock on a CPU and with CUDA events on a GPU.
+
+Memory: each method in its own process forked from a fork server (its own heap); the peak
+resident memory on a CPU, `max_memory_allocated` on CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import resource
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from typing import Any
+
+from iftune.benchmarks.setup import Options, Sizes, build_trainer, make_model
+
+
+class Clock:
+    """Seconds of a step: the host clock, or CUDA events when `cuda` (the `torch.cuda` module,
+    or a stand-in with the same `Event`, `synchronize` API) is given."""
+
+    def __init__(self, cuda: Any = None) -> None:
+        self.cuda = cuda
+
+    def sync(self) -> None:
+        if self.cuda is not None:
+            self.cuda.synchronize()
+
+    def start(self) -> Any:
+        """A start mark for `seconds_since`."""
+        if self.cuda is None:
+            return time.perf_counter()
+        event = self.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_since(self, mark: Any) -> float:
+        """Seconds from `mark` to now (waits for the device's queued work)."""
+        if self.cuda is None:
+            return time.perf_counter() - mark
+        end = self.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return mark.elapsed_time(end) / 1000.0
+
+
+class Relay:
+    """Trainers in threads take turns, one training step each, in a fixed order.
+
+    A thread holds the turn from its `on_step_begin` until its next `on_step_begin` (or the end
+    of its training), so whatever it does between steps never overlaps another's timed step.
+    """
+
+    def __init__(self, names: list[str], warmup: int, clock: Clock) -> None:
+        self.order = list(names)
+        self.holder: str | None = self.order[0] if self.order else None
+        self.cond = threading.Condition()
+        self.warmup, self.clock = warmup, clock
+        self.times: dict[str, list[float]] = {n: [] for n in names}
+
+    def _next(self, name: str) -> str | None:
+        if len(self.order) <= 1:
+            return None
+        return self.order[(self.order.index(name) + 1) % len(self.order)]
+
+    def take(self, name: str, held: bool) -> None:
+        """Wait for `name`'s turn, passing the turn on first if `name` holds it."""
+        with self.cond:
+            if held and self.holder == name:
+                self.holder = self._next(name) or name
+                self.cond.notify_all()
+            self.cond.wait_for(lambda: self.holder == name)
+
+    def leave(self, name: str) -> None:
+        """`name` has finished: drop it from the order and pass the turn on."""
+        with self.cond:
+            if self.holder == name:
+                self.holder = self._next(name)
+            if name in self.order:
+                self.order.remove(name)
+            self.cond.notify_all()
+
+    def callback(self, name: str):
+        """A `TrainerCallback` that times `name`'s steps in turn."""
+        from transformers import TrainerCallback
+
+        relay = self
+
+        class _Timer(TrainerCallback):
+            held, mark = False, None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                relay.take(name, self.held)
+                self.held = True
+                relay.clock.sync()
+                self.mark = relay.clock.start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                seconds = relay.clock.seconds_since(self.mark)
+                if state.global_step > relay.warmup:
+                    relay.times[name].append(seconds)
+
+        return _Timer()
+
+
+def time_interleaved(trainers: dict[str, Any], warmup: int, clock: Clock | None = None) -> dict[str, list[float]]:
+    """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step."""
+    relay = Relay(list(trainers), warmup, clock or Clock())
+    errors: dict[str, BaseException] = {}
+    # No thread exits (and tears down its OpenMP workers) while another one is being timed.
+    finished = threading.Barrier(len(trainers))
+
+    def run(name: str, trainer) -> None:
+        try:
+            trainer.train()
+        except BaseException as err:  # reported after the join, the other threads go on
+            errors[name] = err
+        finally:
+            relay.leave(name)
+            finished.wait()
+
+    for name, trainer in trainers.items():
+        trainer.add_callback(relay.callback(name))
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in trainers.items()]
+    # A full garbage collection costs up to a second here (transformers and TRL hold millions of
+    # objects) and would land in whichever step happens to trigger it: none while timing.
+    gc.collect()
+    gc.disable()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gc.enable()
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"bench: the {name} trainer failed: {err!r}") from err
+    return relay.times
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_during(run, cuda: Any = None) -> dict[str, float]:
+    """Peak memory (MiB) while `run()` runs: `process_peak_mb` (CPU: peak RSS, libraries
+    included; CUDA: peak allocated tensors) and `step_peak_mb`, the peak above what was held
+    before. `cuda`: the `torch.cuda` module or a stand-in; None measures the CPU process."""
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+        base = cuda.memory_allocated()
+        run()
+        cuda.synchronize()
+        peak = cuda.max_memory_allocated()
+        return {"process_peak_mb": peak / 2**20, "step_peak_mb": (peak - base) / 2**20}
+    exact = _reset_peak_rss()
+    base = _status_kb("VmRSS") or 0
+    run()
+    peak = _status_kb("VmHWM") if exact else None
+    if peak is None:  # no resettable mark: the lifetime peak bounds it from above
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"process_peak_mb": peak / 1024, "step_peak_mb": (peak - base) / 1024}
+
+
+def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, float]:
+    """Peak memory of `steps` training steps of `method`, in this process (MiB, `peak_during`):
+    the step peak is what the built trainer (model, reference model, data) did not yet hold:
+    gradients, optimizer state, activations and logits."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        model = make_model(sizes, opt.seed, sizes.seq, opt.precision)
+        trainer = build_trainer(method, sizes, model, steps, opt, out)
+        return peak_during(trainer.train, torch.cuda if opt.cuda else None)
+
+
+def quiet() -> None:
+    """No progress bars, deprecation warnings or info logs from the libraries."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.simplefilter("ignore", FutureWarning)
+
+
+def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> None:
+    try:
+        quiet()
+        conn.send(("ok", measure_memory(method, sizes, steps, opt)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+_PRELOAD = (
+    "torch",
+    "datasets",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+    "trl.trainer.sft_trainer",
+    "trl.trainer.dpo_trainer",
+    "trl.experimental.orpo.orpo_trainer",
+    "iftune.trainer",
+    "iftune.benchmarks.baselines",
+    "iftune.benchmarks.measure",
+)
+
+
+def memory_per_process(
+    methods: list[str], sizes: Sizes, steps: int, opt: Options, parallel: int
+) -> dict[str, dict[str, float]]:
+    """`measure_memory` for each method in its own process, `parallel` at a time.
+
+    The processes fork from a fork server that has imported the libraries once but never run a
+    torch op: a process forked after OpenMP ran hangs, and a fresh interpreter per method would
+    re-import everything. A script calling this must guard its entry point with
+    `if __name__ == "__main__":`, as any multiprocessing code.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(_PRELOAD))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    results: dict[str, dict[str, float]] = {}
+    pending = list(methods)
+    running: list[tuple[str, Any, Any]] = []
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            method = pending.pop(0)
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_memory_child, args=(child, method, sizes, steps, opt))
+            proc.start()
+            child.close()
+            running.append((method, proc, parent))
+        method, proc, parent = running.pop(0)
+        try:
+            status, value = parent.recv()
+        except EOFError:
+            status, value = "error", f"process exited with code {proc.exitcode}"
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"bench: memory of {method} could not be measured:\n{value}")
+        results[method] = value
+    return results
+
+
+__all__ = ["Clock", "Relay", "measure_memory", "memory_per_process", "peak_during", "quiet", "time_interleaved"]

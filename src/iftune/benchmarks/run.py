@@ -1,0 +1,229 @@
+"""The whole benchmark: memory (one process per method), interleaved timing, the sequence-length
+sweep and the profile, and the ratios against their targets."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from iftune.benchmarks.measure import Clock, memory_per_process, time_interleaved
+from iftune.benchmarks.setup import METHODS, Options, Sizes, shared_trainers, tokens_per_step
+
+SWEEP_METHODS = ("sft", "ift", "naive_ift")
+# IFT's LM-head paths, compared to pick the faster one on the device.
+HEAD_PATHS = {"chunked": "ift", "trl_fused": "ift_trl_head", "full_logits": "naive_ift"}
+# Each ratio: (numerator method, denominator method, measurement).
+RATIOS = {
+    "ift_over_sft_time": ("ift", "sft", "step_s"),
+    "ift_over_sft_memory": ("ift", "sft", "step_peak_mb"),
+    "ift_over_trl_sft_time": ("ift", "trl_sft", "step_s"),
+    "ift_over_dpo_time_per_example": ("ift", "dpo", "example_s"),
+    "ift_over_orpo_time_per_example": ("ift", "orpo", "example_s"),
+    "naive_over_ift_memory": ("naive_ift", "ift", "step_peak_mb"),
+    "naive_over_ift_time": ("naive_ift", "ift", "step_s"),
+}
+# Targets as (comparison, bound): issue 6's at the default sizes, issue 14's at a preset.
+TARGETS = {
+    "ift_over_sft_time": ("<=", 1.40),
+    "ift_over_sft_memory": ("<=", 1.10),
+    "ift_over_trl_sft_time": ("<=", 1.40),
+    "ift_over_dpo_time_per_example": ("<=", 0.55),
+    "ift_over_orpo_time_per_example": ("<=", 0.75),
+    "naive_over_ift_memory": (">=", 1.5),
+    "naive_over_ift_time": (">", 0.0),
+}
+PRESET_TARGETS = {
+    "ift_over_sft_time": ("<=", 1.30),
+    "ift_over_sft_memory": ("<=", 1.05),
+    "naive_over_ift_memory": (">=", 2.0),
+    "ift_over_trl_sft_time": ("<=", 1.0),
+}
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def time_methods(
+    methods: list[str], sizes: Sizes, warmup: int, steps: int, opt: Options, clock: Clock | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per method: its timed steps, median seconds per step and per example, tokens per second."""
+    with tempfile.TemporaryDirectory() as out:
+        trainers = shared_trainers(methods, sizes, warmup + steps, opt, out)
+        tokens = {m: tokens_per_step(t) for m, t in trainers.items()}
+        times = time_interleaved(trainers, warmup, clock)
+    rows = {}
+    for m in methods:
+        step = _median(times[m])
+        rows[m] = {
+            "step_times_s": [round(t, 5) for t in times[m]],
+            "step_s": step,
+            "example_s": step / sizes.batch,
+            "tokens_per_step": tokens[m],
+            "tokens_per_s": tokens[m] / step if step > 0 else math.nan,
+        }
+    return rows
+
+
+def sweep(
+    lengths: list[int], methods: list[str], sizes: Sizes, steps: int, opt: Options, memory_steps: int
+) -> list[dict]:
+    """`methods` at several sequence lengths (prompt a quarter of each): median step seconds
+    (1 warm-up, `steps` timed, interleaved) and the step peak memory (one process each)."""
+    points = []
+    for length in lengths:
+        at = replace(sizes, seq=length, prompt=max(1, length // 4))
+        memory = memory_per_process(methods, at, memory_steps, opt, 1)
+        rows = time_methods(methods, at, 1, steps, opt)
+        point: dict[str, Any] = {"seq": length, "prompt": at.prompt}
+        for m in methods:
+            point.update(
+                {
+                    f"{m}_step_s": rows[m]["step_s"],
+                    f"{m}_step_times_s": rows[m]["step_times_s"],
+                    f"{m}_step_peak_mb": memory[m]["step_peak_mb"],
+                }
+            )
+        if "ift" in methods and "sft" in methods:
+            point["ift_over_sft_time"] = rows["ift"]["step_s"] / rows["sft"]["step_s"]
+        points.append(point)
+    return points
+
+
+def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Every ratio of `RATIOS` whose two methods were measured (memory: the step peak)."""
+    out = {}
+    for key, (a, b, field) in RATIOS.items():
+        if a in rows and b in rows and rows[b].get(field):
+            out[key] = rows[a][field] / rows[b][field]
+    return out
+
+
+def meets(value: float, op: str, bound: float) -> bool:
+    """Whether `value op bound` holds."""
+    return bool(value <= bound) if op == "<=" else bool(value >= bound) if op == ">=" else bool(value > bound)
+
+
+def machine() -> dict[str, Any]:
+    """Python, torch, transformers and TRL versions, the CPU, cores and threads, the GPU if any."""
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average, if the system has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run_bench(
+    sizes: Sizes,
+    opt: Options,
+    warmup: int,
+    steps: int,
+    lengths: list[int],
+    sweep_steps: int,
+    memory_steps: int,
+    parallel: int,
+    profile: bool = False,
+    methods: tuple[str, ...] = METHODS,
+    preset: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Memory (one process per method) first, then interleaved timing, the sweep, the profile."""
+    load_start, wall, mark = loadavg(), {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        wall[name] = round(time.perf_counter() - mark, 1)
+        mark = time.perf_counter()
+
+    log(f"bench: peak memory, one process per method ({', '.join(methods)})")
+    memory = memory_per_process(list(methods), sizes, memory_steps, opt, parallel)
+    lap("memory")
+    log(f"bench: timing {warmup} warm-up + {steps} steps per method, interleaved")
+    import torch
+
+    rows = time_methods(list(methods), sizes, warmup, steps, opt, Clock(torch.cuda if opt.cuda else None))
+    lap("timing")
+    for m in methods:
+        rows[m].update(memory[m])
+    points = []
+    if lengths:
+        swept = [m for m in SWEEP_METHODS if m in methods]
+        log(f"bench: sequence-length sweep {lengths} for {', '.join(swept)}")
+        points = sweep(lengths, swept, sizes, sweep_steps, opt, memory_steps)
+        lap("sweep")
+    prof = None
+    if profile:
+        from iftune.benchmarks.profile import profile_steps
+
+        log("bench: profile of IFT and same-path SFT steps")
+        prof = profile_steps(sizes, opt)
+        lap("profile")
+    wall["total"] = round(sum(wall.values()), 1)
+    rat = ratios(rows)
+    targets = PRESET_TARGETS if preset else TARGETS
+    faster = {path: m for path, m in HEAD_PATHS.items() if m in rows}
+    return {
+        "preset": preset,
+        "label": sizes.label(),
+        "sizes": asdict(sizes),
+        "precision": opt.precision,
+        "device": "cuda" if opt.cuda else "cpu",
+        "machine": machine(),
+        "gradient_checkpointing": opt.checkpointing,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "memory_steps": memory_steps,
+        "methods": rows,
+        "ratios": rat,
+        "targets": {
+            k: {"bound": f"{op} {v}", "met": meets(rat[k], op, v)} for k, (op, v) in targets.items() if k in rat
+        },
+        "faster_head_path": min(faster, key=lambda p: rows[faster[p]]["step_s"]) if faster else None,
+        "sweep": points,
+        "profile": prof,
+        "wall_s": wall,
+        # Other work on the same cores slows every method; the interleaving spreads it evenly.
+        "loadavg_1min": {"start": load_start, "end": loadavg()},
+    }
+
+
+__all__ = [
+    "HEAD_PATHS",
+    "PRESET_TARGETS",
+    "RATIOS",
+    "SWEEP_METHODS",
+    "TARGETS",
+    "loadavg",
+    "machine",
+    "meets",
+    "ratios",
+    "run_bench",
+    "sweep",
+    "time_methods",
+]
