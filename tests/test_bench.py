@@ -36,7 +36,8 @@ RATIO_KEYS = {
 
 def test_quick_run_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--quick", "--profile", "--json", str(out)]) == 0
+    assert main(["--quick", "--profile", "--json", str(out), "--plot", str(tmp_path / "sweep.png")]) == 0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == RATIO_KEYS
     for key, value in result["ratios"].items():
@@ -52,6 +53,8 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
     assert result["methods"]["dpo"]["tokens_per_step"] == 2 * batch * seq
     assert result["methods"]["orpo"]["tokens_per_step"] == 2 * batch * seq
     assert [p["seq"] for p in result["sweep"]] == [24, 48]
+    for m in ("sft", "ift", "naive_ift"):
+        assert all(p[f"{m}_step_s"] > 0 and p[f"{m}_step_peak_mb"] > 0 for p in result["sweep"])
     assert all(p["ift_over_sft_time"] > 0 for p in result["sweep"])
     prof = result["profile"]
     ift, sft = prof["phases_s"]["ift"], prof["phases_s"]["sft"]
@@ -172,6 +175,8 @@ def test_relay_reports_a_failing_trainer():
         (["--json", "/no/such/dir/x.json", "--quick"], "--json"),
         (["--preset", "tiny", "--methods", "ift", "--profile"], "--profile"),
         (["--preset", "tiny", "--heads", "3"], "--heads"),
+        (["--quick", "--no-sweep", "--plot", "x.png"], "--plot"),
+        (["--preset", "tiny", "--sweep-only"], "--sweep"),
     ],
 )
 def test_bad_options_are_user_errors(argv, field):

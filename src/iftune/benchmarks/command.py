@@ -34,31 +34,33 @@ def format_table(result: dict[str, Any]) -> str:
     """The methods, the ratios against their targets and the sweep, as text."""
     s = result["sizes"]
     lines = [
-        f"iftune bench: {result['label']}, hidden {s['hidden']}, vocab {s['vocab']}, batch {s['batch']} x "
-        f"{s['seq']} tokens (prompt {s['prompt']}), {result['precision']}, {result['device']}, "
-        f"{result['timed_steps']} timed steps, load average {result['loadavg_1min']['start']}",
-        f"{'method':<12} {'s/step':>8} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} {'process MiB':>12}",
+        f"iftune bench: {result['label']}, hidden {s['hidden']}, vocab {s['vocab']}, batch {s['batch']}, "
+        f"{result['precision']}, {result['device']}, 1-minute load average {result['loadavg_1min']['start']}"
     ]
+    if result["methods"]:
+        lines += [
+            f"{s['seq']} tokens (prompt {s['prompt']}), {result['timed_steps']} timed steps, interleaved",
+            f"{'method':<12} {'s/step':>8} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} {'process MiB':>12}",
+        ]
     for m, row in result["methods"].items():
         lines.append(
             f"{m:<12} {row['step_s']:>8.3f} {row['example_s']:>10.4f} {row['tokens_per_s']:>9.0f} "
             f"{row['step_peak_mb']:>14.0f} {row['process_peak_mb']:>12.0f}"
         )
-    lines += ["", f"{'ratio':<32} {'value':>7}  target"]
+    if result["ratios"]:
+        lines += ["", f"{'ratio':<32} {'value':>7}  target"]
     for key, value in result["ratios"].items():
         t = result["targets"].get(key)
         verdict = f"{t['bound']:<7} {'met' if t['met'] else 'NOT met'}" if t else ""
         lines.append(f"{key:<32} {value:>7.3f}  {verdict}".rstrip())
     if result["sweep"]:
         methods = [m for m in METHODS if f"{m}_step_s" in result["sweep"][0]]
-        lines += ["", f"{'seq':>6} " + " ".join(f"{m + ' s/step':>15} {m + ' MiB':>13}" for m in methods)]
+        lines += ["", f"{'seq':>6} " + " ".join(f"{m + ' s/step':>17} {m + ' MiB':>13}" for m in methods)]
         for p in result["sweep"]:
-            lines.append(
-                f"{p['seq']:>6} "
-                + " ".join(
-                    f"{_cell(p[f'{m}_step_s'], '.3f'):>15} {_cell(p[f'{m}_step_peak_mb'], '.0f'):>13}" for m in methods
-                )
-            )
+            cells = [
+                f"{_cell(p[f'{m}_step_s'], '.3f'):>17} {_cell(p[f'{m}_step_peak_mb'], '.0f'):>13}" for m in methods
+            ]
+            lines.append(f"{p['seq']:>6} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -87,8 +89,10 @@ def make_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="bf16: mixed precision (autocast); bf16-weights: bf16 weights too (default fp32)",
     )
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per method first (default 2; 1 quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 4; 2 quick)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per method first (default 2; 1 quick or preset)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 4; 2 quick or preset)")
     p.add_argument(
         "--sweep",
         type=int,
@@ -98,13 +102,26 @@ def make_parser() -> argparse.ArgumentParser:
         help="sequence lengths of the sweep (default 256 512 1024 2048; 24 48 quick)",
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
+    p.add_argument("--sweep-only", action="store_true", help="only the sweep (and --profile): no main table")
+    p.add_argument(
+        "--max-logits-gib",
+        type=float,
+        default=6.0,
+        help="sweep: skip a full-logits method where 3 float32 (B, T, V) tensors exceed this (default 6)",
+    )
     p.add_argument(
         "--sweep-steps",
         type=int,
         default=None,
         help="timed steps per sweep point, after one warm-up (default 2; 1 quick)",
     )
-    p.add_argument("--memory-steps", type=int, default=2, help="steps run by each memory process (default 2)")
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=None,
+        help="steps run by each memory process (default 2; 1 at a preset: the first step "
+        "already holds the optimizer state)",
+    )
     p.add_argument("--parallel", type=int, default=None, help="memory processes at once (default 2; 1 at a preset)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -117,6 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also time each phase of an IFT and an SFT step")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    p.add_argument("--plot", metavar="FILE", help="draw the sweep (time and memory against length) to FILE (PNG)")
     p.add_argument(
         "--output-dir",
         "--output_dir",
@@ -131,18 +149,23 @@ def settings(ns: argparse.Namespace) -> tuple[Sizes, dict[str, Any]]:
     """The checked sizes and the `run_bench` keywords of parsed flags (a bad one: `UserError`)."""
     base = PRESETS[ns.preset] if ns.preset else QUICK if ns.quick else Sizes()
     sizes = with_sizes(base, **{k: getattr(ns, k) for k in INT_SIZES})
-    pick = lambda v, full, quick: v if v is not None else (quick if ns.quick else full)  # noqa: E731
-    lengths = [] if ns.no_sweep else pick(ns.sweep, [256, 512, 1024, 2048], [24, 48])
+    # Defaults: full, --quick, or at a preset (where a step takes ~a minute on 2 CPU cores).
+    pick = lambda v, full, quick, preset=None: (  # noqa: E731
+        v if v is not None else quick if ns.quick else preset if ns.preset and preset is not None else full
+    )
+    lengths = [] if ns.no_sweep else pick(ns.sweep, [256, 512, 1024, 2048], [24, 48], [])
     methods = tuple(ns.methods or (PRESET_METHODS if ns.preset else METHODS))
     opts = dict(
-        warmup=pick(ns.warmup, 2, 1),
-        steps=pick(ns.steps, 4, 2),
+        warmup=pick(ns.warmup, 2, 1, 1),
+        steps=pick(ns.steps, 4, 2, 2),
         lengths=lengths,
         sweep_steps=pick(ns.sweep_steps, 2, 1),
-        memory_steps=ns.memory_steps,
+        memory_steps=pick(ns.memory_steps, 2, 2, 1),
         parallel=ns.parallel if ns.parallel is not None else (1 if ns.preset else 2),
         profile=ns.profile,
         methods=methods,
+        max_logits_gib=ns.max_logits_gib,
+        main_table=not ns.sweep_only,
         preset=ns.preset,
     )
     for key in ("steps", "sweep_steps", "memory_steps", "parallel"):
@@ -153,6 +176,8 @@ def settings(ns: argparse.Namespace) -> tuple[Sizes, dict[str, Any]]:
     bad = [n for n in lengths if n < 8]
     if bad:
         raise UserError(f"--sweep {bad[0]} is not valid; expected sequence lengths >= 8")
+    if ns.sweep_only and not lengths:
+        raise UserError("--sweep-only needs sequence lengths: --sweep LEN [LEN ...]")
     if ns.profile and not {"ift", "sft"} <= set(methods):
         raise UserError("--profile needs the methods ift and sft")
     return sizes, opts
@@ -167,10 +192,12 @@ def _outputs(ns: argparse.Namespace) -> list[str]:
         os.makedirs(ns.output_dir, exist_ok=True)
         suffix = "".join(f"-{v}" for v in (ns.preset, ns.precision if ns.precision != "fp32" else None) if v)
         files.append(os.path.join(ns.output_dir, f"bench{suffix}.json"))
-    for path in files:
+    for flag, path in [("--json", f) for f in files] + ([("--plot", ns.plot)] if ns.plot else []):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise UserError(f"--json: no such directory '{parent}'")
+            raise UserError(f"{flag}: no such directory '{parent}'")
+    if ns.plot and ns.no_sweep:
+        raise UserError("--plot draws the sweep: it cannot go with --no-sweep")
     return files
 
 
@@ -199,6 +226,10 @@ def main(argv: list[str]) -> int:
 
         print()
         print(format_profile(result["profile"]))
+    if ns.plot:
+        from iftune.benchmarks.plot import plot_sweep
+
+        plot_sweep(result, ns.plot)
     for path in files:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)

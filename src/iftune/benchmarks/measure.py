@@ -195,16 +195,32 @@ def peak_during(run, cuda: Any = None) -> dict[str, float]:
     return {"process_peak_mb": peak / 1024, "step_peak_mb": (peak - base) / 1024}
 
 
-def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, float]:
+def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, Any]:
     """Peak memory of `steps` training steps of `method`, in this process (MiB, `peak_during`):
     the step peak is what the built trainer (model, reference model, data) did not yet hold:
-    gradients, optimizer state, activations and logits."""
+    gradients, optimizer state, activations and logits. Also the seconds of each step
+    (`step_times_s`, not interleaved with other methods)."""
     import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda if opt.cuda else None
+    clock, times = Clock(cuda), []
+
+    class Steps(TrainerCallback):
+        mark = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.sync()
+            self.mark = clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(clock.seconds_since(self.mark))
 
     with tempfile.TemporaryDirectory() as out:
         model = make_model(sizes, opt.seed, sizes.seq, opt.precision)
         trainer = build_trainer(method, sizes, model, steps, opt, out)
-        return peak_during(trainer.train, torch.cuda if opt.cuda else None)
+        trainer.add_callback(Steps())
+        return {**peak_during(trainer.train, cuda), "step_times_s": [round(t, 5) for t in times]}
 
 
 def quiet() -> None:

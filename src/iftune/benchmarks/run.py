@@ -15,6 +15,8 @@ from iftune.benchmarks.measure import Clock, memory_per_process, time_interleave
 from iftune.benchmarks.setup import METHODS, Options, Sizes, shared_trainers, tokens_per_step
 
 SWEEP_METHODS = ("sft", "ift", "naive_ift")
+# Methods that build the (B, T, V) logits of every position on a CPU (TRL's head without Triton).
+FULL_LOGITS = ("trl_sft", "ift_trl_head", "naive_ift")
 # IFT's LM-head paths, compared to pick the faster one on the device.
 HEAD_PATHS = {"chunked": "ift", "trl_fused": "ift_trl_head", "full_logits": "naive_ift"}
 # Each ratio: (numerator method, denominator method, measurement).
@@ -70,27 +72,36 @@ def time_methods(
     return rows
 
 
+def full_logits_gib(sizes: Sizes) -> float:
+    """GiB of three float32 (B, T, V) tensors: about what a full-logits step holds at its peak."""
+    return 3 * sizes.batch * sizes.seq * sizes.vocab * 4 / 2**30
+
+
 def sweep(
-    lengths: list[int], methods: list[str], sizes: Sizes, steps: int, opt: Options, memory_steps: int
+    lengths: list[int], methods: list[str], sizes: Sizes, steps: int, opt: Options, max_logits_gib: float = 6.0
 ) -> list[dict]:
-    """`methods` at several sequence lengths (prompt a quarter of each): median step seconds
-    (1 warm-up, `steps` timed, interleaved) and the step peak memory (one process each)."""
+    """`methods` at several sequence lengths (prompt a quarter of each), each in its own process
+    (`measure_memory`): 1 warm-up and `steps` timed steps (median seconds; not interleaved) and
+    the step peak memory. A method that builds full logits is not run (None) where
+    `full_logits_gib` exceeds `max_logits_gib`."""
     points = []
     for length in lengths:
         at = replace(sizes, seq=length, prompt=max(1, length // 4))
-        memory = memory_per_process(methods, at, memory_steps, opt, 1)
-        rows = time_methods(methods, at, 1, steps, opt)
+        skip = {m for m in methods if m in FULL_LOGITS and full_logits_gib(at) > max_logits_gib}
+        measured = memory_per_process([m for m in methods if m not in skip], at, 1 + steps, opt, 1)
         point: dict[str, Any] = {"seq": length, "prompt": at.prompt}
         for m in methods:
+            row = measured.get(m, {})
+            times = row.get("step_times_s", [])[1:]
             point.update(
                 {
-                    f"{m}_step_s": rows[m]["step_s"],
-                    f"{m}_step_times_s": rows[m]["step_times_s"],
-                    f"{m}_step_peak_mb": memory[m]["step_peak_mb"],
+                    f"{m}_step_s": _median(times) if times else None,
+                    f"{m}_step_times_s": times,
+                    f"{m}_step_peak_mb": row.get("step_peak_mb"),
                 }
             )
-        if "ift" in methods and "sft" in methods:
-            point["ift_over_sft_time"] = rows["ift"]["step_s"] / rows["sft"]["step_s"]
+        if point.get("ift_step_s") and point.get("sft_step_s"):
+            point["ift_over_sft_time"] = point["ift_step_s"] / point["sft_step_s"]
         points.append(point)
     return points
 
@@ -151,9 +162,12 @@ def run_bench(
     profile: bool = False,
     methods: tuple[str, ...] = METHODS,
     preset: str | None = None,
+    max_logits_gib: float = 6.0,
+    main_table: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Memory (one process per method) first, then interleaved timing, the sweep, the profile."""
+    """Memory (one process per method) first, then interleaved timing (both skipped without
+    `main_table`), the sweep, the profile."""
     load_start, wall, mark = loadavg(), {}, time.perf_counter()
 
     def lap(name: str) -> None:
@@ -161,28 +175,30 @@ def run_bench(
         wall[name] = round(time.perf_counter() - mark, 1)
         mark = time.perf_counter()
 
-    log(f"bench: peak memory, one process per method ({', '.join(methods)})")
-    memory = memory_per_process(list(methods), sizes, memory_steps, opt, parallel)
-    lap("memory")
-    log(f"bench: timing {warmup} warm-up + {steps} steps per method, interleaved")
-    import torch
+    rows: dict[str, dict[str, Any]] = {}
+    if main_table:
+        log(f"bench: peak memory, one process per method ({', '.join(methods)})")
+        memory = memory_per_process(list(methods), sizes, memory_steps, opt, parallel)
+        lap("memory")
+        log(f"bench: timing {warmup} warm-up + {steps} steps per method, interleaved")
+        import torch
 
-    rows = time_methods(list(methods), sizes, warmup, steps, opt, Clock(torch.cuda if opt.cuda else None))
-    lap("timing")
-    for m in methods:
-        rows[m].update(memory[m])
+        rows = time_methods(list(methods), sizes, warmup, steps, opt, Clock(torch.cuda if opt.cuda else None))
+        lap("timing")
+        for m in methods:
+            rows[m].update(step_peak_mb=memory[m]["step_peak_mb"], process_peak_mb=memory[m]["process_peak_mb"])
     points = []
     if lengths:
         swept = [m for m in SWEEP_METHODS if m in methods]
         log(f"bench: sequence-length sweep {lengths} for {', '.join(swept)}")
-        points = sweep(lengths, swept, sizes, sweep_steps, opt, memory_steps)
+        points = sweep(lengths, swept, sizes, sweep_steps, opt, max_logits_gib)
         lap("sweep")
     prof = None
     if profile:
         from iftune.benchmarks.profile import profile_steps
 
         log("bench: profile of IFT and same-path SFT steps")
-        prof = profile_steps(sizes, opt)
+        prof = profile_steps(sizes, opt, steps)
         lap("profile")
     wall["total"] = round(sum(wall.values()), 1)
     rat = ratios(rows)
