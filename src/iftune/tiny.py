@@ -58,7 +58,8 @@ def llama(vocab_size: int, seed: int = 0, **overrides):
 
 
 def causal_lm(architecture: str, vocab_size: int, seed: int = 0, **config):
-    """A causal LM of `architecture` ("llama" or "qwen2") with random weights (seeded), float32."""
+    """A causal LM of `architecture` ("llama" or "qwen2") with random weights (seeded), float32.
+    `config`: the architecture's config fields; the special-token ids default to `SPECIALS`'."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -67,7 +68,8 @@ def causal_lm(architecture: str, vocab_size: int, seed: int = 0, **config):
         raise ValueError(f"architecture={architecture!r}; expected one of {', '.join(classes)}")
     config_cls, model_cls = classes[architecture]
     torch.manual_seed(seed)
-    cfg = config_cls(vocab_size=vocab_size, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, **config)
+    ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    cfg = config_cls(vocab_size=vocab_size, **{**ids, **config})
     return model_cls(cfg).to(torch.float32)
 
 
