@@ -23,7 +23,7 @@ class PathSFTTrainer(IFTTrainer):
         """The per-sequence mean NLL of the trained tokens, averaged like IFT's loss."""
         position_ids = inputs.get("position_ids")
         targets, mask = trained_targets(inputs["labels"], position_ids)
-        with torch.profiler.record_function("sft.training_pass"):
+        with self.accelerator.autocast():  # the head call outside the forward too, as IFTTrainer
             logp = trained_logprobs(
                 model, targets, mask, inputs.get("attention_mask"), position_ids, input_ids=inputs["input_ids"]
             )
@@ -43,6 +43,11 @@ class NaiveIFTTrainer(IFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The IFT loss (defaults of `IFTConfig`), from full logits."""
+        with self.accelerator.autocast():  # the embedding lookups under the same autocast as IFTTrainer's
+            loss = self._naive_loss(model, inputs, num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
+    def _naive_loss(self, model, inputs, num_items_in_batch) -> torch.Tensor:
         args = self.args
         ids, labels, attn = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
         lam = args.lambda_at(self.state.global_step)
@@ -57,8 +62,7 @@ class NaiveIFTTrainer(IFTTrainer):
         logp = torch.where(mask, logp, torch.zeros_like(logp))
         w = relation_weights(logp, mask, args.gamma, args.propagation, args.side, args.norm, detach=args.detach_weights)
         loss_sum = ((-(logp * w)).sum(-1) / mask.sum(-1).clamp_min(1)).sum()
-        loss = self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+        return self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
 
 
 __all__ = ["NaiveIFTTrainer", "PathSFTTrainer"]

@@ -2,8 +2,9 @@
 
 Both trainers run their own `train()` (their data, their autocast) under `torch.profiler`, one
 profile per step after a warm-up step. The phases are the `record_function` ranges that
-`iftune.objective.ift_loss` opens (`ift.*`), the SFT baseline's training pass (`sft.*`) and the
-optimizer's own range; what is left of the step is the backward, clipping and the trainer.
+`iftune.objective.ift_loss` opens (`ift.*`; the training pass's two are those of
+`iftune.modeling.trained_logprobs`, which the SFT baseline calls too) and the optimizer's own
+range; what is left of the step is the backward, clipping and the trainer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ IFT_RANGES = (
     "ift.training_head",
     "ift.relation_weights",
 )
-SFT_RANGES = ("sft.training_pass",)
 INTUITION = ("ift.intuition_forward", "ift.intuition_head")
 OPTIMIZER = "optimizer step"
 
@@ -32,7 +32,7 @@ def _phases(prof, seconds: float) -> dict[str, float]:
     """Seconds per range of one profiled step, the optimizer step and the rest of the step."""
     phases: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        if event.key in IFT_RANGES or event.key in SFT_RANGES:
+        if event.key in IFT_RANGES:
             phases[event.key] += event.cpu_time_total / 1e6
         elif event.key.startswith("Optimizer.step#"):
             phases[OPTIMIZER] += event.cpu_time_total / 1e6
@@ -104,7 +104,7 @@ def profile_steps(sizes, opt, steps: int = 3, top: int = 10) -> dict[str, Any]:
 def format_profile(prof: dict[str, Any]) -> str:
     """The profile as a text table."""
     ift, sft = prof["phases_s"]["ift"], prof["phases_s"]["sft"]
-    order = [*IFT_RANGES, *SFT_RANGES, OPTIMIZER, "backward and the rest", "step"]
+    order = [*IFT_RANGES, OPTIMIZER, "backward and the rest", "step"]
     lines = [f"{'phase (median s)':<28} {'ift':>7} {'sft':>7}"]
     for phase in order:
         if phase in ift or phase in sft:
