@@ -32,6 +32,8 @@ RATIO_KEYS = {
     "ift_over_orpo_time_per_example",
     "naive_over_ift_memory",
     "naive_over_ift_time",
+    "ift_over_sft_later_memory",
+    "naive_over_ift_later_memory",
 }
 
 
@@ -45,7 +47,7 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
         assert math.isfinite(value) and value > 0, key
     assert set(result["methods"]) == set(METHODS)
     for method, row in result["methods"].items():
-        for key in ("step_s", "example_s", "tokens_per_s", "step_peak_mb", "process_peak_mb"):
+        for key in ("step_s", "example_s", "tokens_per_s", "step_peak_mb", "later_step_peak_mb", "process_peak_mb"):
             assert math.isfinite(row[key]) and row[key] > 0, (method, key)
         assert len(row["step_times_s"]) == result["timed_steps"]
     seq, batch = result["sizes"]["seq"], result["sizes"]["batch"]

@@ -40,12 +40,14 @@ def format_table(result: dict[str, Any]) -> str:
     if result["methods"]:
         lines += [
             f"{s['seq']} tokens (prompt {s['prompt']}), {result['timed_steps']} timed steps, interleaved",
-            f"{'method':<12} {'s/step':>8} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} {'process MiB':>12}",
+            f"{'method':<12} {'s/step':>8} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} "
+            f"{'later MiB':>10} {'process MiB':>12}",
         ]
     for m, row in result["methods"].items():
         lines.append(
             f"{m:<12} {row['step_s']:>8.3f} {row['example_s']:>10.4f} {row['tokens_per_s']:>9.0f} "
-            f"{row['step_peak_mb']:>14.0f} {row['process_peak_mb']:>12.0f}"
+            f"{row['step_peak_mb']:>14.0f} {_cell(row.get('later_step_peak_mb'), '.0f'):>10} "
+            f"{row['process_peak_mb']:>12.0f}"
         )
     if result["ratios"]:
         lines += ["", f"{'ratio':<32} {'value':>7}  target"]
@@ -119,8 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--memory-steps",
         type=int,
         default=None,
-        help="steps run by each memory process (default 2; 1 at a preset: the first step "
-        "already holds the optimizer state)",
+        help="steps run by each memory process (default 2)",
     )
     p.add_argument("--parallel", type=int, default=None, help="memory processes at once (default 2; 1 at a preset)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -160,7 +161,7 @@ def settings(ns: argparse.Namespace) -> tuple[Sizes, dict[str, Any]]:
         steps=pick(ns.steps, 4, 2, 2),
         lengths=lengths,
         sweep_steps=pick(ns.sweep_steps, 2, 1),
-        memory_steps=pick(ns.memory_steps, 2, 2, 1),
+        memory_steps=pick(ns.memory_steps, 2, 2),
         parallel=ns.parallel if ns.parallel is not None else (1 if ns.preset else 2),
         profile=ns.profile,
         methods=methods,

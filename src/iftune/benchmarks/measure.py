@@ -174,42 +174,59 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def reset_peak(cuda: Any = None) -> int:
+    """Reset the peak-memory mark to now; returns the bytes held now (CPU: resident memory,
+    CUDA: allocated tensors). `cuda`: the `torch.cuda` module or a stand-in; None: the CPU."""
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+        return cuda.memory_allocated()
+    _reset_peak_rss()
+    return (_status_kb("VmRSS") or 0) * 1024
+
+
+def read_peak(cuda: Any = None) -> int:
+    """Peak bytes since the last `reset_peak` (CPU without a resettable mark: since the start)."""
+    if cuda is not None:
+        cuda.synchronize()
+        return cuda.max_memory_allocated()
+    peak = _status_kb("VmHWM")
+    if peak is None:  # no resettable mark: the lifetime peak bounds it from above
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * 1024
+
+
 def peak_during(run, cuda: Any = None) -> dict[str, float]:
     """Peak memory (MiB) while `run()` runs: `process_peak_mb` (CPU: peak RSS, libraries
     included; CUDA: peak allocated tensors) and `step_peak_mb`, the peak above what was held
     before. `cuda`: the `torch.cuda` module or a stand-in; None measures the CPU process."""
-    if cuda is not None:
-        cuda.synchronize()
-        cuda.reset_peak_memory_stats()
-        base = cuda.memory_allocated()
-        run()
-        cuda.synchronize()
-        peak = cuda.max_memory_allocated()
-        return {"process_peak_mb": peak / 2**20, "step_peak_mb": (peak - base) / 2**20}
-    exact = _reset_peak_rss()
-    base = _status_kb("VmRSS") or 0
+    base = reset_peak(cuda)
     run()
-    peak = _status_kb("VmHWM") if exact else None
-    if peak is None:  # no resettable mark: the lifetime peak bounds it from above
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"process_peak_mb": peak / 1024, "step_peak_mb": (peak - base) / 1024}
+    peak = read_peak(cuda)
+    return {"process_peak_mb": peak / 2**20, "step_peak_mb": (peak - base) / 2**20}
 
 
 def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, Any]:
-    """Peak memory of `steps` training steps of `method`, in this process (MiB, `peak_during`):
-    the step peak is what the built trainer (model, reference model, data) did not yet hold:
-    gradients, optimizer state, activations and logits. Also the seconds of each step
-    (`step_times_s`, not interleaved with other methods)."""
+    """Peak memory (MiB) of `steps` training steps of `method` in this process, and the seconds
+    of each step (`step_times_s`, not interleaved with other methods).
+
+    `step_peak_mb`: the peak above what the built trainer (model, reference model, data) held:
+    gradients, optimizer state, activations and logits. `later_step_peak_mb` (2 steps or more):
+    the peak of the later steps above what was held as the second began (the weights and the
+    optimizer state): what a step's activations, logits and gradients cost once training runs.
+    """
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda if opt.cuda else None
-    clock, times = Clock(cuda), []
+    clock, times, marks = Clock(cuda), [], {}
 
     class Steps(TrainerCallback):
         mark = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                marks["first"], marks["second_base"] = read_peak(cuda), reset_peak(cuda)
             clock.sync()
             self.mark = clock.start()
 
@@ -220,7 +237,18 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
         model = make_model(sizes, opt.seed, sizes.seq, opt.precision)
         trainer = build_trainer(method, sizes, model, steps, opt, out)
         trainer.add_callback(Steps())
-        return {**peak_during(trainer.train, cuda), "step_times_s": [round(t, 5) for t in times]}
+        base = reset_peak(cuda)
+        trainer.train()
+        last = read_peak(cuda)
+    peak = max(last, marks.get("first", 0))
+    result = {
+        "process_peak_mb": peak / 2**20,
+        "step_peak_mb": (peak - base) / 2**20,
+        "step_times_s": [round(t, 5) for t in times],
+    }
+    if "second_base" in marks:
+        result["later_step_peak_mb"] = (last - marks["second_base"]) / 2**20
+    return result
 
 
 def quiet() -> None:
@@ -296,4 +324,14 @@ def memory_per_process(
     return results
 
 
-__all__ = ["Clock", "Relay", "measure_memory", "memory_per_process", "peak_during", "quiet", "time_interleaved"]
+__all__ = [
+    "Clock",
+    "Relay",
+    "measure_memory",
+    "memory_per_process",
+    "peak_during",
+    "quiet",
+    "read_peak",
+    "reset_peak",
+    "time_interleaved",
+]
