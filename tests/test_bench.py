@@ -33,6 +33,8 @@ RATIO_KEYS = {
     "naive_over_ift_memory",
     "naive_over_ift_time",
     "ift_over_sft_later_memory",
+    "ift_over_sft_cpu_time",
+    "ift_over_trl_sft_cpu_time",
     "naive_over_ift_later_memory",
 }
 
@@ -47,7 +49,15 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
         assert math.isfinite(value) and value > 0, key
     assert set(result["methods"]) == set(METHODS)
     for method, row in result["methods"].items():
-        for key in ("step_s", "example_s", "tokens_per_s", "step_peak_mb", "later_step_peak_mb", "process_peak_mb"):
+        for key in (
+            "step_s",
+            "step_cpu_s",
+            "example_s",
+            "tokens_per_s",
+            "step_peak_mb",
+            "later_step_peak_mb",
+            "process_peak_mb",
+        ):
             assert math.isfinite(row[key]) and row[key] > 0, (method, key)
         assert len(row["step_times_s"]) == result["timed_steps"]
     seq, batch = result["sizes"]["seq"], result["sizes"]["batch"]
@@ -157,9 +167,11 @@ class _FakeTrainer:
 def test_relay_interleaves_and_skips_warmup():
     log: list[str] = []
     fakes = {n: _FakeTrainer(n, 4, log) for n in ("a", "b", "c")}
-    times = time_interleaved(fakes, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = time_interleaved(fakes, warmup=1, cpu_times=cpu)
     assert log == ["a", "b", "c"] * 4
-    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    assert all(len(t) == 3 and min(t) >= 0 for t in (*times.values(), *cpu.values()))
+    assert set(cpu) == set(times)
 
 
 def test_relay_reports_a_failing_trainer():

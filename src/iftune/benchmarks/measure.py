@@ -68,6 +68,9 @@ class Relay:
         self.cond = threading.Condition()
         self.warmup, self.clock = warmup, clock
         self.times: dict[str, list[float]] = {n: [] for n in names}
+        # CPU seconds of the whole process per step: only the turn holder runs, so on a loaded
+        # machine they count the step's own work where the wall time also counts waiting.
+        self.cpu_times: dict[str, list[float]] = {n: [] for n in names}
 
     def _next(self, name: str) -> str | None:
         if len(self.order) <= 1:
@@ -98,24 +101,28 @@ class Relay:
         relay = self
 
         class _Timer(TrainerCallback):
-            held, mark = False, None
+            held, mark, cpu = False, None, 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 relay.take(name, self.held)
                 self.held = True
                 relay.clock.sync()
-                self.mark = relay.clock.start()
+                self.mark, self.cpu = relay.clock.start(), time.process_time()
 
             def on_step_end(self, args, state, control, **kwargs):
                 seconds = relay.clock.seconds_since(self.mark)
                 if state.global_step > relay.warmup:
                     relay.times[name].append(seconds)
+                    relay.cpu_times[name].append(time.process_time() - self.cpu)
 
         return _Timer()
 
 
-def time_interleaved(trainers: dict[str, Any], warmup: int, clock: Clock | None = None) -> dict[str, list[float]]:
-    """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step."""
+def time_interleaved(
+    trainers: dict[str, Any], warmup: int, clock: Clock | None = None, cpu_times: dict | None = None
+) -> dict[str, list[float]]:
+    """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step
+    (and, into `cpu_times` if given, the process's CPU seconds per timed step)."""
     relay = Relay(list(trainers), warmup, clock or Clock())
     errors: dict[str, BaseException] = {}
     # No thread exits (and tears down its OpenMP workers) while another one is being timed.
@@ -147,6 +154,8 @@ def time_interleaved(trainers: dict[str, Any], warmup: int, clock: Clock | None 
     if errors:
         name, err = next(iter(errors.items()))
         raise RuntimeError(f"bench: the {name} trainer failed: {err!r}") from err
+    if cpu_times is not None:
+        cpu_times.update(relay.cpu_times)
     return relay.times
 
 

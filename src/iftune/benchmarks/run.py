@@ -22,8 +22,10 @@ HEAD_PATHS = {"chunked": "ift", "trl_fused": "ift_trl_head", "full_logits": "nai
 # Each ratio: (numerator method, denominator method, measurement).
 RATIOS = {
     "ift_over_sft_time": ("ift", "sft", "step_s"),
+    "ift_over_sft_cpu_time": ("ift", "sft", "step_cpu_s"),
     "ift_over_sft_memory": ("ift", "sft", "step_peak_mb"),
     "ift_over_trl_sft_time": ("ift", "trl_sft", "step_s"),
+    "ift_over_trl_sft_cpu_time": ("ift", "trl_sft", "step_cpu_s"),
     "ift_over_dpo_time_per_example": ("ift", "dpo", "example_s"),
     "ift_over_orpo_time_per_example": ("ift", "orpo", "example_s"),
     "naive_over_ift_memory": ("naive_ift", "ift", "step_peak_mb"),
@@ -61,13 +63,16 @@ def time_methods(
     with tempfile.TemporaryDirectory() as out:
         trainers = shared_trainers(methods, sizes, warmup + steps, opt, out)
         tokens = {m: tokens_per_step(t) for m, t in trainers.items()}
-        times = time_interleaved(trainers, warmup, clock)
+        cpu: dict[str, list[float]] = {}
+        times = time_interleaved(trainers, warmup, clock, cpu)
     rows = {}
     for m in methods:
         step = _median(times[m])
         rows[m] = {
             "step_times_s": [round(t, 5) for t in times[m]],
             "step_s": step,
+            "step_cpu_times_s": [round(t, 5) for t in cpu[m]],
+            "step_cpu_s": _median(cpu[m]),
             "example_s": step / sizes.batch,
             "tokens_per_step": tokens[m],
             "tokens_per_s": tokens[m] / step if step > 0 else math.nan,
