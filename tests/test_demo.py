@@ -175,3 +175,23 @@ def test_demo_rejects_bad_options():
 
     with pytest.raises(UserError, match="--steps"):
         main(["--steps", "0"])
+
+
+def test_shipped_base_is_the_default_build():
+    from dataclasses import asdict
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((demo_base.SHIPPED_BASE / "iftune-demo-base.json").read_text())
+    assert info["spec"] == asdict(demo_base.BaseSpec()) and info["build_version"] == demo_base.BUILD_VERSION
+    assert demo_base.base_model() == demo_base.SHIPPED_BASE  # no build, whatever the cache holds
+    assert demo_base.base_model(TINY) != demo_base.SHIPPED_BASE
+    model = AutoModelForCausalLM.from_pretrained(demo_base.SHIPPED_BASE)
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+    assert AutoTokenizer.from_pretrained(demo_base.SHIPPED_BASE).chat_template == demo_base.CHAT_TEMPLATE
+
+
+def test_output_dir_takes_both_spellings():
+    from iftune.demo import parse_args
+
+    assert parse_args(["--output_dir", "x"]).output_dir == parse_args(["--output-dir", "x"]).output_dir == "x"

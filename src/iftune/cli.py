@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "orpo": ("iftune.train", "main_orpo", "train with TRL's ORPO trainer"),
     "demo": ("iftune.demo", "main", "offline IFT vs SFT study on a tiny model (the default)"),
     "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
+    "study": ("iftune.study", "main", "does IFT help? every method, several bases and seeds, 95% intervals"),
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
     "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
     "bench": ("iftune.benchmarks.trainers", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
