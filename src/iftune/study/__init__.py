@@ -46,6 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="study.json, study.png, and every run's result (a rerun continues from them)")
     p.add_argument("--build-base", action="store_true",
                    help="build base 0 with the builder instead of using the copy shipped with iftune")
+    p.add_argument("--report-only", action="store_true",
+                   help="analyse the runs saved so far in --output-dir without running more (same settings)")
     p.add_argument("--quick", action="store_true", help="a tiny, minute-long version for tests")
     args = p.parse_args(argv)
     for flag in ("bases", "seeds", "steps", "workers"):
@@ -88,7 +90,7 @@ def prepare_data(work: Path, s: StudySettings) -> tuple[list[dict], list[dict]]:
     train, heldout = make_splits(s.n_train, s.n_heldout)
     write_jsonl(train, work / "data" / "train.jsonl")
     write_jsonl(heldout, work / "data" / "heldout.jsonl")
-    return train[: s.n_pair_prompts], heldout
+    return train[: s.pair_prompts(s.steps)], heldout
 
 
 def prepare_base(work: Path, s: StudySettings, index: int, build: bool) -> dict:
@@ -110,7 +112,7 @@ def read_data(work: Path, s: StudySettings) -> tuple[list[dict], list[dict]]:
     def rows(name: str) -> list[dict]:
         return [json.loads(line) for line in (work / "data" / name).read_text().splitlines()]
 
-    return rows("train.jsonl")[: s.n_pair_prompts], rows("heldout.jsonl")
+    return rows("train.jsonl")[: s.pair_prompts(s.steps)], rows("heldout.jsonl")
 
 
 def run_job(work: Path, s: StudySettings, base: dict, method: str, seed: int) -> dict:
@@ -176,31 +178,39 @@ def run_study(args: argparse.Namespace) -> int:
     s, work = settings_from(args), Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)
     check_resume(work, s, args.build_base)
-    prepare_data(work, s)
-    bases = sorted(execute([partial(prepare_base, work, s, b, args.build_base) for b in range(s.bases)],
-                           min(args.workers, s.bases), "base models"), key=lambda b: b["index"])
-    todo = [(b, m, seed) for seed in range(s.seeds) for b in bases for m in s.methods
-            if not run_path(work, b["index"], m, seed).exists()]
-    print(f"{s.bases * s.seeds * len(s.methods) - len(todo)} runs already saved in {work}, {len(todo)} to go")
-    execute([partial(run_job, work, s, b, m, seed) for b, m, seed in todo], args.workers, "fine-tuning and scoring")
-    runs = [json.loads(run_path(work, b["index"], m, seed).read_text())
-            for seed in range(s.seeds) for b in bases for m in s.methods]
-    report(work, s, bases, runs, time.perf_counter() - start)
+    if args.report_only:
+        bases = [json.loads(p.read_text()) for p in sorted((work / "bases").glob("base*.json"))]
+        if not bases:
+            raise UserError(f"--report-only: {work} holds no study yet")
+    else:
+        prepare_data(work, s)
+        bases = sorted(execute([partial(prepare_base, work, s, b, args.build_base) for b in range(s.bases)],
+                               min(args.workers, s.bases), "base models"), key=lambda b: b["index"])
+        todo = [(b, m, seed) for seed in range(s.seeds) for b in bases for m in s.methods
+                if not run_path(work, b["index"], m, seed).exists()]
+        print(f"{s.bases * s.seeds * len(s.methods) - len(todo)} runs already saved in {work}, {len(todo)} to go")
+        execute([partial(run_job, work, s, b, m, seed) for b, m, seed in todo], args.workers,
+                "fine-tuning and scoring")
+    paths = [run_path(work, b["index"], m, seed) for seed in range(s.seeds) for b in bases for m in s.methods]
+    runs = [json.loads(p.read_text()) for p in paths if p.exists()]
+    report(work, s, bases, runs, time.perf_counter() - start, missing=s.bases * s.seeds * len(s.methods) - len(runs))
     return 0
 
 
-def report(work: Path, s: StudySettings, bases: list[dict], runs: list[dict], seconds: float) -> dict:
+def report(work: Path, s: StudySettings, bases: list[dict], runs: list[dict], seconds: float, missing: int = 0) -> dict:
     """Write study.json and study.png, print the tables; returns study.json's content."""
     analysis = analyse(runs, list(s.methods), s.n_boot)
     answer = primary(analysis)
     out = {"settings": {**asdict(s), "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS], "data_seed": DATA_SEED,
                         "methods": {m: [asdict(st) for st in METHODS[m]] for m in s.methods}},
-           "commit": commit(), "answer": answer, "bases": bases, **analysis, "runs": runs,
+           "commit": commit(), "answer": answer, "runs_missing": missing, "bases": bases, **analysis, "runs": runs,
            "seconds_this_invocation": round(seconds, 1)}
     save_json(out, work / "study.json")
     forest_plot(analysis, work / "study.png")
     print(f"\n{s.bases} bases x {s.seeds} seeds, {s.steps} steps per run; held-out: {s.n_heldout} problems "
           f"of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} steps, greedy")
+    if missing:
+        print(f"INCOMPLETE: {missing} of the study's runs are not saved yet; these numbers use the {len(runs)} that are")
     print(table(analysis))
     print(f"\nmean ± sample std over all runs; a - b: mean over bases of the per-base mean paired difference, "
           f"95% hierarchical bootstrap interval.\nPre-registered answer (docs/study.md): {answer}. "

@@ -58,21 +58,23 @@ def fine_tune(command: str, model: Path, data: Path, out: Path, steps: int, seed
     argv = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
             "--max_steps", str(steps), "--learning_rate", str(s.learning_rate),
             "--per_device_train_batch_size", str(s.batch_size), "--seed", str(seed), "--report_to", "none",
-            "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true", "--save_strategy", "no",
+            "--logging_steps", "10", "--use_cpu", "true", "--disable_tqdm", "true", "--save_strategy", "no",
             *(("--beta", str(s.beta)) if command in ("dpo", "orpo") else ()), *flags]
     with quiet():
         trainer = train(command, *parse(command, argv))
     return trainer.state.log_history
 
 
-def stage_data(stage: Stage, model: Path, out: Path, work: Path, base: int, examples: list[dict]) -> tuple[Path, dict | None]:
-    """(training file of the stage, pair counts when it made pairs)."""
+def stage_data(stage: Stage, steps: int, model: Path, out: Path, work: Path, base: int, examples: list[dict],
+               s: StudySettings) -> tuple[Path, dict | None]:
+    """(training file of the stage, pair counts when it uses pairs). "self" pairs are made here,
+    from `model`'s own answers to the first steps x batch problems of `examples`."""
     if stage.pairs is None:
         return work / "data" / "train.jsonl", None
     if stage.pairs == "base":
         path = base_pairs_path(work, base)
         return path, json.loads(path.with_suffix(".counts.json").read_text())
-    return out / "pairs.jsonl", make_pairs(model, examples, True, out / "pairs.jsonl")
+    return out / "pairs.jsonl", make_pairs(model, examples[: s.pair_prompts(steps)], True, out / "pairs.jsonl")
 
 
 def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str, seed: int,
@@ -81,11 +83,10 @@ def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str
     start = time.perf_counter()
     model, out, pairs, losses = base_dir, work / "models" / f"base{base}-{method}-seed{seed}", None, []
     for i, stage in enumerate(METHODS[method]):
-        stage_out = out / f"stage{i}"
-        data, counts = stage_data(stage, model, stage_out, work, base, pair_examples)
+        stage_out, steps = out / f"stage{i}", max(1, round(stage.share * s.steps))
+        data, counts = stage_data(stage, steps, model, stage_out, work, base, pair_examples, s)
         pairs = counts or pairs
-        history = fine_tune(stage.command, model, data, stage_out, max(1, round(stage.share * s.steps)),
-                            seed, s, stage.flags)
+        history = fine_tune(stage.command, model, data, stage_out, steps, seed, s, stage.flags)
         losses += [h["loss"] for h in history if "loss" in h and "step" in h]
         model = stage_out
     train_seconds = time.perf_counter() - start

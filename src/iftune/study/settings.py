@@ -46,11 +46,14 @@ class StudySettings:
     beta: float = 0.1  # DPO's and ORPO's beta (TRL's default)
     n_train: int = 2000
     n_heldout: int = 200
-    n_pair_prompts: int = 1600  # training problems that get a preference pair (>= steps * batch size)
     methods: tuple[str, ...] = tuple(METHODS)
     n_boot: int = 10000
     quick: bool = False  # tests: a tiny base built on the spot
 
+    def pair_prompts(self, steps: int) -> int:
+        """Training problems that get a preference pair for a stage of `steps` steps: the first
+        steps x batch, so that one epoch is the stage's budget."""
+        return min(self.n_train, steps * self.batch_size)
 
-QUICK = {"bases": 2, "seeds": 2, "steps": 2, "n_train": 64, "n_heldout": 16, "n_pair_prompts": 32, "n_boot": 200,
-         "quick": True}
+
+QUICK = {"bases": 2, "seeds": 2, "steps": 2, "n_train": 64, "n_heldout": 16, "n_boot": 200, "quick": True}
