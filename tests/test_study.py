@@ -182,7 +182,7 @@ def test_quick_study_writes_its_schema(tmp_path, capsys):
     assert {"settings", "commit", "answer", "bases", "methods", "comparisons", "runs"} <= set(out)
     assert [b["index"] for b in out["bases"]] == [0, 1]
     for base in out["bases"]:
-        assert sum(base["pairs"][k] for k in ("own", "synthetic")) == out["settings"]["n_pair_prompts"]
+        assert sum(base["pairs"][k] for k in ("own", "synthetic")) == out["settings"]["steps"] * out["settings"]["batch_size"]
     assert {(r["base"], r["method"]) for r in out["runs"]} == {(b, m) for b in (0, 1) for m in ("sft", "dpo", "sft_dpo")}
     for r in out["runs"]:
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["step_accuracy"] <= 1 and r["heldout_nll"] > 0
@@ -202,3 +202,23 @@ def test_bad_flags_are_one_line_errors():
         study.parse_args(["--seeds", "0"])
     with pytest.raises(UserError, match="sft"):
         study.parse_args(["--methods", "ift"])
+
+
+def test_report_only_analyses_the_saved_runs(tmp_path, monkeypatch, capsys):
+    from iftune import study
+    from iftune.study.runs import run_path, save_json
+
+    work = tmp_path / "s"
+    argv = ["--quick", "--workers", "1", "--methods", "sft", "ift", "--output-dir", str(work), "--report-only"]
+    with pytest.raises(UserError, match="no study"):
+        study.main(argv)
+    for b in (0, 1):
+        save_json({"index": b, "path": "x", "pairs": {}, "score": {}}, work / "bases" / f"base{b}.json")
+        for m in ("sft", "ift"):
+            save_json({"base": b, "seed": 0, "method": m, "exact_match": 0.5, "step_accuracy": 0.5,
+                       "heldout_nll": 1.0}, run_path(work, b, m, 0))
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("--report-only must not run anything"))
+    assert study.main(argv) == 0
+    out = json.loads((work / "study.json").read_text())
+    assert out["runs_missing"] == 4 and len(out["runs"]) == 4
+    assert "INCOMPLETE" in capsys.readouterr().out
