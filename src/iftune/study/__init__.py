@@ -174,7 +174,7 @@ def run_study(args: argparse.Namespace) -> int:
     from iftune.console import silence_libraries
 
     silence_libraries()
-    start = time.perf_counter()
+    start, source = time.perf_counter(), commit()  # the code the runs are made with
     s, work = settings_from(args), Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)
     check_resume(work, s, args.build_base)
@@ -193,17 +193,19 @@ def run_study(args: argparse.Namespace) -> int:
                 "fine-tuning and scoring")
     paths = [run_path(work, b["index"], m, seed) for seed in range(s.seeds) for b in bases for m in s.methods]
     runs = [json.loads(p.read_text()) for p in paths if p.exists()]
-    report(work, s, bases, runs, time.perf_counter() - start, missing=s.bases * s.seeds * len(s.methods) - len(runs))
+    report(work, s, bases, runs, time.perf_counter() - start, source,
+           missing=s.bases * s.seeds * len(s.methods) - len(runs))
     return 0
 
 
-def report(work: Path, s: StudySettings, bases: list[dict], runs: list[dict], seconds: float, missing: int = 0) -> dict:
+def report(work: Path, s: StudySettings, bases: list[dict], runs: list[dict], seconds: float, source: str | None,
+           missing: int = 0) -> dict:
     """Write study.json and study.png, print the tables; returns study.json's content."""
     analysis = analyse(runs, list(s.methods), s.n_boot)
     answer = primary(analysis)
     out = {"settings": {**asdict(s), "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS], "data_seed": DATA_SEED,
                         "methods": {m: [asdict(st) for st in METHODS[m]] for m in s.methods}},
-           "commit": commit(), "answer": answer, "runs_missing": missing, "bases": bases, **analysis, "runs": runs,
+           "commit": source, "answer": answer, "runs_missing": missing, "bases": bases, **analysis, "runs": runs,
            "seconds_this_invocation": round(seconds, 1)}
     save_json(out, work / "study.json")
     forest_plot(analysis, work / "study.png")
