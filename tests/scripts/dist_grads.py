@@ -1,0 +1,234 @@
+"""Run under `torchrun --nproc_per_node 2`: the IFT objective on a sharded tiny Llama (FSDP2 or
+DeepSpeed ZeRO-3, gloo on CPU), each rank on its own micro-batch, against one unsharded process
+on the whole batch. Rank 0 writes a JSON report to `--out`; a collective mismatch raises or
+times out instead.
+
+Each step gives the ranks data that used to change the number of embedding/head calls:
+a batch the model predicts perfectly (every intuitive token equals the input), a batch with no
+trained token, and batches whose trained positions need different numbers of head chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest's tiny model
+from conftest import build_model, build_tokenizer
+
+from iftune.modeling import IGNORE_INDEX, sequence_count
+from iftune.objective import ift_loss
+from iftune.trainer import IFTTrainer
+
+ROWS, LENGTH = 2, 16
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", choices=("fsdp2", "zero3"), required=True)
+    p.add_argument("--tied", action="store_true", help="tie_word_embeddings=True")
+    p.add_argument("--intuition_embeddings", default=None, help="e.g. 'detached'; None: ift_loss's default")
+    p.add_argument("--chunk", type=int, default=None, help="head chunk size (positions)")
+    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
+    p.add_argument("--steps", nargs="*", default=None, help="names of the steps to run (default: all)")
+    p.add_argument("--out", required=True, help="JSON report; its folder also holds the saved reference model")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- data
+
+
+def normal_batch(vocab: int, seed: int, trained_from: tuple[int, ...] = (4, 9)) -> dict:
+    """Random tokens; row r trains positions trained_from[r]: (the rest is the prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, vocab, (ROWS, LENGTH), generator=g)
+    labels = ids.clone()
+    for r, start in enumerate(trained_from):
+        labels[r, :start] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+@torch.no_grad()
+def perfect_batch(model: torch.nn.Module, vocab: int, seed: int) -> dict:
+    """Prompts of 4 random tokens continued greedily by `model`, computed on the full sequence
+    (the same forward as the intuition pass), so every trained token is the model's argmax."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, vocab, (ROWS, LENGTH), generator=g)
+    for _ in range(LENGTH):  # causal: each round fixes at least one more position
+        nxt = model(input_ids=ids).logits[:, :-1].argmax(-1)
+        new = torch.cat([ids[:, :4], nxt[:, 3:]], dim=1)
+        if torch.equal(new, ids):
+            break
+        ids = new
+    assert torch.equal(model(input_ids=ids).logits[:, 3:-1].argmax(-1), ids[:, 4:])
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def empty_batch(vocab: int, seed: int) -> dict:
+    batch = normal_batch(vocab, seed)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+def steps(ref: torch.nn.Module, vocab: int) -> list[tuple[str, list[dict]]]:
+    """(name, one batch per rank) for each step, the same on every rank."""
+    return [
+        ("normal+perfect", [normal_batch(vocab, 1), perfect_batch(ref, vocab, 2)]),
+        ("perfect+no_trained_token", [perfect_batch(ref, vocab, 3), empty_batch(vocab, 4)]),
+        ("many_chunks+one_chunk", [normal_batch(vocab, 5, (0, 0)), normal_batch(vocab, 6, (14, 15))]),
+        ("no_trained_token+normal", [empty_batch(vocab, 7), normal_batch(vocab, 8, (2, 12))]),
+    ]
+
+
+def concat(batches: list[dict]) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# ---------------------------------------------------------------- loss, as IFTTrainer scales it
+
+
+def loss_kwargs(args) -> dict:
+    kw = {"chunk_size": args.chunk}
+    if args.intuition_embeddings is not None:
+        kw["intuition_embeddings"] = args.intuition_embeddings
+    return kw
+
+
+def window_loss(model, batch: dict, world: int, kw: dict):
+    """IFTTrainer's loss for one micro-batch: its per-sequence losses summed over the count of
+    sequences with a trained token on all ranks (`_get_num_items_in_batch`), times the number
+    of processes (the gradient reduction averages over ranks). Returns (loss, IFTOutput)."""
+    count = torch.tensor([sequence_count(batch["labels"])])
+    dist.all_reduce(count)
+    out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
+    stub = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world))
+    return IFTTrainer.window_mean(stub, out.loss_sum, out.n_sequences, count[0]), out
+
+
+def reference_grads(ref: torch.nn.Module, batch: dict, kw: dict) -> dict:
+    """One process, whole batch: the plain mean over sequences with a trained token."""
+    ref.zero_grad(set_to_none=True)
+    out = ift_loss(ref, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
+    out.loss.backward()
+    return {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+
+
+# ---------------------------------------------------------------- the two wrappers
+
+
+def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.Module, callable]:
+    """The layout accelerate 1.15 builds (`fsdp2_prepare_model`, called as is): fully_shard per
+    decoder layer, the input embedding, [final norm, LM head] (tied: with the embedding), the root."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        mixed_precision_policy=None if mixed_precision == "no" else mixed_precision)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision,
+                                  is_main_process=dist.get_rank() == 0, device=torch.device("cpu"))
+    wrapped = fsdp2_prepare_model(accelerator, model)
+
+    def full_grads() -> dict:
+        return {n: p.grad.full_tensor().float() for n, p in wrapped.named_parameters()}
+
+    return wrapped, full_grads, torch.Tensor.backward, wrapped
+
+
+def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path):
+    """`deepspeed.initialize` at stage 3 of the reference weights loaded the way the HF Trainer
+    loads them under ZeRO-3: `from_pretrained` with an `HfDeepSpeedConfig` alive, which builds
+    the model inside `deepspeed.zero.Init` (parameters partitioned from construction)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "bf16": {"enabled": mixed_precision == "bf16"}}
+    if dist.get_rank() == 0:
+        ref.save_pretrained(workdir / "ref")
+    dist.barrier()
+    keep = HfDeepSpeedConfig(config)  # noqa: F841  (transformers reads it through a weak reference)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "ref", dtype=torch.float32)
+    assert all(p.numel() == 0 for p in model.parameters()), "parameters are not partitioned"
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    def full_grads() -> dict:
+        return {n: safe_get_full_grad(p).float() for n, p in engine.module.named_parameters()}
+
+    return engine, full_grads, engine.backward, engine
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    args = parse_args()
+    if args.backend == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=90))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, "run with --nproc_per_node 2"
+    torch.set_num_threads(1)
+    vocab = len(build_tokenizer())
+
+    ref = build_model(vocab, seed=0, tie_word_embeddings=args.tied)
+    ref.train()
+    kw = loss_kwargs(args)
+    plan = [(n, b) for n, b in steps(ref, vocab) if args.steps is None or n in args.steps]
+    if args.backend == "fsdp2":
+        model, full_grads, backward, module = fsdp2_model(copy.deepcopy(ref), args.mixed_precision)
+    else:
+        model, full_grads, backward, module = zero3_model(ref, args.mixed_precision, Path(args.out).parent)
+    model.train()
+
+    report = {"backend": args.backend, "world_size": world, "steps": []}
+    for name, batches in plan:
+        expected = reference_grads(ref, concat(batches), kw)
+        for p in module.parameters():
+            p.grad = None
+        loss, out = window_loss(model, batches[rank], world, kw)
+        backward(loss)
+        got = full_grads()
+        stats = torch.tensor([float(out.intuition_accuracy), float(out.n_sequences), float(out.n_tokens)])
+        every = [torch.zeros_like(stats) for _ in range(world)]
+        dist.all_gather(every, stats)
+        diffs = {n: (got[n] - expected[n].float()).abs().max().item() for n in expected}
+        report["steps"].append({
+            "name": name,
+            "max_abs_diff": max(diffs.values()),
+            "worst_param": max(diffs, key=diffs.get),
+            "max_abs_grad": max(g.abs().max().item() for g in expected.values()),
+            "grad_shapes_match": all(got[n].shape == expected[n].shape for n in expected),
+            "intuition_accuracy": [e[0].item() for e in every],
+            "n_sequences": [int(e[1]) for e in every],
+            "n_tokens": [int(e[2]) for e in every],
+        })
+        if args.backend == "zero3":
+            model.optimizer.zero_grad()
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
