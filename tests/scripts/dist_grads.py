@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest's tiny model
+from batches import empty_batch, normal_batch, perfect_batch
 from conftest import build_model, build_tokenizer
 
-from iftune.modeling import IGNORE_INDEX, sequence_count
+from iftune.modeling import sequence_count
 from iftune.objective import ift_loss
 from iftune.trainer import IFTTrainer
 
-ROWS, LENGTH = 2, 16
+ROWS = 2  # sequences per rank
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,40 +46,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- data
-
-
-def normal_batch(vocab: int, seed: int, trained_from: tuple[int, ...] = (4, 9)) -> dict:
-    """Random tokens; row r trains positions trained_from[r]: (the rest is the prompt)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(7, vocab, (ROWS, LENGTH), generator=g)
-    labels = ids.clone()
-    for r, start in enumerate(trained_from):
-        labels[r, :start] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels}
-
-
-@torch.no_grad()
-def perfect_batch(model: torch.nn.Module, vocab: int, seed: int) -> dict:
-    """Prompts of 4 random tokens continued greedily by `model`, computed on the full sequence
-    (the same forward as the intuition pass), so every trained token is the model's argmax."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(7, vocab, (ROWS, LENGTH), generator=g)
-    for _ in range(LENGTH):  # causal: each round fixes at least one more position
-        nxt = model(input_ids=ids).logits[:, :-1].argmax(-1)
-        new = torch.cat([ids[:, :4], nxt[:, 3:]], dim=1)
-        if torch.equal(new, ids):
-            break
-        ids = new
-    assert torch.equal(model(input_ids=ids).logits[:, 3:-1].argmax(-1), ids[:, 4:])
-    labels = ids.clone()
-    labels[:, :4] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels}
-
-
-def empty_batch(vocab: int, seed: int) -> dict:
-    batch = normal_batch(vocab, seed)
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-    return batch
 
 
 def steps(ref: torch.nn.Module, vocab: int) -> list[tuple[str, list[dict]]]:
