@@ -39,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tied", action="store_true", help="tie_word_embeddings=True")
     p.add_argument("--intuition_embeddings", default=None, help="e.g. 'detached'; None: ift_loss's default")
     p.add_argument("--chunk", type=int, default=None, help="head chunk size (positions)")
-    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
+    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no",
+                   help="bf16: the wrapper's bf16 mixed precision (and, for FSDP2, CPU autocast, as accelerate adds)")
+    p.add_argument("--init", type=float, default=0.02, help="initializer_range of the tiny Llama")
     p.add_argument("--steps", nargs="*", default=None, help="names of the steps to run (default: all)")
     p.add_argument("--out", required=True, help="JSON report; its folder also holds the saved reference model")
     return p.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
     torch.set_num_threads(1)
     vocab = len(build_tokenizer())
 
-    ref = build_model(vocab, seed=0, tie_word_embeddings=args.tied)
+    ref = build_model(vocab, seed=0, tie_word_embeddings=args.tied, initializer_range=args.init)
     ref.train()
     kw = loss_kwargs(args)
     plan = [(n, b) for n, b in steps(ref, vocab) if args.steps is None or n in args.steps]
@@ -166,22 +168,27 @@ def main() -> None:
         model, full_grads, backward, module = zero3_model(ref, args.mixed_precision, Path(args.out).parent)
     model.train()
 
+    # accelerate adds autocast under FSDP (native AMP), not under DeepSpeed (bf16 weights instead).
+    autocast = args.mixed_precision == "bf16" and args.backend == "fsdp2"
     report = {"backend": args.backend, "world_size": world, "steps": []}
     for name, batches in plan:
         expected = reference_grads(ref, concat(batches), kw)
         for p in module.parameters():
             p.grad = None
-        loss, out = window_loss(model, batches[rank], world, kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, out = window_loss(model, batches[rank], world, kw)
         backward(loss)
         got = full_grads()
         stats = torch.tensor([float(out.intuition_accuracy), float(out.n_sequences), float(out.n_tokens)])
         every = [torch.zeros_like(stats) for _ in range(world)]
         dist.all_gather(every, stats)
         diffs = {n: (got[n] - expected[n].float()).abs().max().item() for n in expected}
+        rel = {n: ((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item() for n in expected}
         report["steps"].append({
             "name": name,
             "max_abs_diff": max(diffs.values()),
             "worst_param": max(diffs, key=diffs.get),
+            "max_rel_diff": max(rel.values()),
             "max_abs_grad": max(g.abs().max().item() for g in expected.values()),
             "grad_shapes_match": all(got[n].shape == expected[n].shape for n in expected),
             "intuition_accuracy": [e[0].item() for e in every],
