@@ -31,7 +31,7 @@ def count_calls(model: torch.nn.Module, batch: dict) -> tuple[dict, float, int]:
                model.get_output_embeddings().register_forward_hook(counter("lm_head"))]
     try:
         out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]),
-                       chunk_size=CHUNK)
+                       head_chunk_size=CHUNK)
         out.loss.backward()
     finally:
         for h in handles:

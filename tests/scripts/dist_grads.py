@@ -68,7 +68,7 @@ def concat(batches: list[dict]) -> dict:
 
 
 def loss_kwargs(args) -> dict:
-    kw = {"chunk_size": args.chunk}
+    kw = {"head_chunk_size": args.chunk}
     if args.intuition_embeddings is not None:
         kw["intuition_embeddings"] = args.intuition_embeddings
     return kw
@@ -81,16 +81,31 @@ def window_loss(model, batch: dict, world: int, kw: dict):
     count = torch.tensor([sequence_count(batch["labels"])])
     dist.all_reduce(count)
     out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
-    stub = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world))
+    stub = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world),
+                           args=SimpleNamespace(average_tokens_across_devices=True))  # TrainingArguments' default
     return IFTTrainer.window_mean(stub, out.loss_sum, out.n_sequences, count[0]), out
 
 
-def reference_grads(ref: torch.nn.Module, batch: dict, kw: dict) -> dict:
+def reference_grads(ref: torch.nn.Module, batch: dict, kw: dict, autocast: bool = False) -> dict:
     """One process, whole batch: the plain mean over sequences with a trained token."""
     ref.zero_grad(set_to_none=True)
-    out = ift_loss(ref, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ift_loss(ref, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
     out.loss.backward()
-    return {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+    return {n: grad_or_zeros(p, p.grad) for n, p in ref.named_parameters()}
+
+
+def relative_errors(got: dict, expected: dict) -> dict:
+    """||got - expected|| / ||expected|| per parameter (0 where both are zero)."""
+    return {n: ((got[n] - e).norm() / e.norm().clamp_min(1e-30)).item() for n, e in expected.items()}
+
+
+def grad_or_zeros(param: torch.nn.Parameter, grad: torch.Tensor | None) -> torch.Tensor:
+    """The gradient in float32; zeros for a parameter the loss does not reach (the untied
+    input table with intuition_embeddings='detached')."""
+    if grad is None:
+        return torch.zeros(tuple(getattr(param, "ds_shape", param.shape)))
+    return grad.detach().float().clone()
 
 
 # ---------------------------------------------------------------- the two wrappers
@@ -110,7 +125,8 @@ def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.
     wrapped = fsdp2_prepare_model(accelerator, model)
 
     def full_grads() -> dict:
-        return {n: p.grad.full_tensor().float() for n, p in wrapped.named_parameters()}
+        return {n: grad_or_zeros(p, None if p.grad is None else p.grad.full_tensor())
+                for n, p in wrapped.named_parameters()}
 
     return wrapped, full_grads, torch.Tensor.backward, wrapped
 
@@ -137,7 +153,7 @@ def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
 
     def full_grads() -> dict:
-        return {n: safe_get_full_grad(p).float() for n, p in engine.module.named_parameters()}
+        return {n: grad_or_zeros(p, safe_get_full_grad(p)) for n, p in engine.module.named_parameters()}
 
     return engine, full_grads, engine.backward, engine
 
@@ -170,6 +186,10 @@ def main() -> None:
 
     # accelerate adds autocast under FSDP (native AMP), not under DeepSpeed (bf16 weights instead).
     autocast = args.mixed_precision == "bf16" and args.backend == "fsdp2"
+    # bf16's own error: one process on the whole batch in the same precision, against fp32.
+    low = None
+    if args.mixed_precision == "bf16":
+        low = copy.deepcopy(ref).to(torch.float32 if autocast else torch.bfloat16)
     report = {"backend": args.backend, "world_size": world, "steps": []}
     for name, batches in plan:
         expected = reference_grads(ref, concat(batches), kw)
@@ -183,12 +203,15 @@ def main() -> None:
         every = [torch.zeros_like(stats) for _ in range(world)]
         dist.all_gather(every, stats)
         diffs = {n: (got[n] - expected[n].float()).abs().max().item() for n in expected}
-        rel = {n: ((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item() for n in expected}
+        rel = relative_errors(got, expected)
+        single = relative_errors(reference_grads(low, concat(batches), kw, autocast), expected) if low else {}
         report["steps"].append({
             "name": name,
             "max_abs_diff": max(diffs.values()),
             "worst_param": max(diffs, key=diffs.get),
             "max_rel_diff": max(rel.values()),
+            "worst_rel_param": max(rel, key=rel.get),
+            "single_process_max_rel_diff": max(single.values(), default=0.0),
             "max_abs_grad": max(g.abs().max().item() for g in expected.values()),
             "grad_shapes_match": all(got[n].shape == expected[n].shape for n in expected),
             "intuition_accuracy": [e[0].item() for e in every],
