@@ -24,9 +24,11 @@ SCRIPT = ROOT / "tests" / "scripts" / "dist_grads.py"
 # fp32: only the summation order differs from one process (|grad| up to ~0.5 here).
 FP32_ATOL = 1e-5
 # bf16 mixed precision against the fp32 process: sharding may add little to bf16's own error,
-# which one process in bf16 on the whole batch measures (up to ~6% of the norm of the smallest
-# gradients here, q_proj's): at most 1.5x that, plus 1% of the norm.
-BF16_ERROR_FACTOR, BF16_ERROR_SLACK = 1.5, 0.01
+# which one process in bf16 on the whole batch measures (2-6% of a gradient's norm here). FSDP2
+# also runs the norms' elementwise ops and the gradient reduction in bf16, where autocast keeps
+# fp32: at most 2x the single-process error, plus 1% of the norm. A lost rank, a doubled scale or
+# a stale weight is off by 50% or more.
+BF16_ERROR_FACTOR, BF16_ERROR_SLACK = 2.0, 0.01
 BF16 = ("--mixed_precision", "bf16", "--init", "0.1")  # spread weights: bf16 keeps the greedy choices
 
 
