@@ -1,7 +1,7 @@
-"""Tests of the IFT objective (`iftune.objective`, `iftune.lm_head`) against `shared/ift-spec.md`.
+"""Tests of the IFT objective (`iftune.objective`, `iftune.lm_head`) against its specification,
+docs/objective.md.
 
-Reference values are computed independently here: float64 Python loops written from the spec
-text, and the SFT loss from a plain `model(input_ids).logits`. Models are tiny Llamas built from
+Reference values are computed independently here: float64 Python loops written from that page, and the SFT loss from a plain `model(input_ids).logits`. Models are tiny Llamas built from
 a config (nothing is downloaded), in float64 wherever exactness is checked.
 """
 

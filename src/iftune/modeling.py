@@ -6,6 +6,8 @@ regrouping of packed rows into documents. Pure torch; no Hugging Face import.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -121,6 +123,25 @@ def hidden_states(model: nn.Module, attention_mask: torch.Tensor | None = None,
     return seen[0]
 
 
+@contextmanager
+def intuition_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, as at inference) for the intuition pass, then the model's own mode.
+
+    bitsandbytes' 4-bit layers stay in train mode: on a CPU, their first eval-mode no-grad call
+    repacks the weight into a layout they cannot backpropagate through afterwards, which would
+    leave every later training pass without gradient.
+    """
+    training = model.training
+    model.eval()
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes"):
+            module.training = training
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def accepts(module: nn.Module, name: str) -> bool:
     """Whether `module.forward` takes a keyword `name`."""
     try:
@@ -132,6 +153,7 @@ def accepts(module: nn.Module, name: str) -> bool:
 __all__ = [
     "IGNORE_INDEX",
     "hidden_states",
+    "intuition_mode",
     "per_document",
     "sequence_count",
     "target_documents",

@@ -26,6 +26,7 @@ from iftune.lm_head import intuition_from_hidden, logit_transform, vocab_size
 from iftune.modeling import (
     IGNORE_INDEX,
     hidden_states,
+    intuition_mode,
     per_document,
     trained_logprobs,
     trained_targets,
@@ -302,14 +303,9 @@ def ift_loss(
     # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference. Not
     # inference_mode: models that cache tensors on first use (rotary tables) would hand
     # inference tensors to the training pass.
-    training = model.training
     with torch.no_grad():
-        model.eval()
-        try:
-            with record_function("ift.intuition_forward"):
-                hidden = hidden_states(model, attention_mask, position_ids, input_ids=input_ids, **forward_kwargs)
-        finally:
-            model.train(training)
+        with intuition_mode(model), record_function("ift.intuition_forward"):
+            hidden = hidden_states(model, attention_mask, position_ids, input_ids=input_ids, **forward_kwargs)
         with record_function("ift.intuition_head"):
             # The head runs only where a target is trained: prompts and padding cost no logits.
             picked, tf_picked = intuition_from_hidden(
