@@ -17,7 +17,7 @@ from iftune.objective import ift_loss
 CHUNK = 8  # head positions per chunk: the long batch (30 trained positions) needs 4
 
 
-def count_calls(model: torch.nn.Module, batch: dict) -> tuple[dict, float, int]:
+def count_calls(model: torch.nn.Module, batch: dict, embeddings: str) -> tuple[dict, float, int]:
     """Forward-hook calls of the input embedding and the LM head during one step (loss and
     backward), the intuition accuracy and the number of trained positions."""
     calls = {"input_embeddings": 0, "lm_head": 0}
@@ -31,7 +31,7 @@ def count_calls(model: torch.nn.Module, batch: dict) -> tuple[dict, float, int]:
                model.get_output_embeddings().register_forward_hook(counter("lm_head"))]
     try:
         out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]),
-                       head_chunk_size=CHUNK)
+                       head_chunk_size=CHUNK, intuition_embeddings=embeddings)
         out.loss.backward()
     finally:
         for h in handles:
@@ -39,8 +39,9 @@ def count_calls(model: torch.nn.Module, batch: dict) -> tuple[dict, float, int]:
     return calls, float(out.intuition_accuracy), int(out.n_tokens)
 
 
+@pytest.mark.parametrize("embeddings", ["live", "detached"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_embedding_and_head_calls_do_not_depend_on_the_data(tied):
+def test_embedding_and_head_calls_do_not_depend_on_the_data(tied, embeddings):
     vocab = len(build_tokenizer())
     model = build_model(vocab, tie_word_embeddings=tied)
     batches = {
@@ -51,7 +52,7 @@ def test_embedding_and_head_calls_do_not_depend_on_the_data(tied):
     }
     counts, accuracy, tokens = {}, {}, {}
     for name, batch in batches.items():
-        counts[name], accuracy[name], tokens[name] = count_calls(model, batch)
+        counts[name], accuracy[name], tokens[name] = count_calls(model, batch, embeddings)
     # The batches are what their names say.
     assert accuracy["perfect"] == 1.0 and accuracy["normal"] < 1.0
     assert tokens == {"normal": 7, "perfect": 24, "no_trained_token": 0, "long": 30}
