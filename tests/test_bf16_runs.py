@@ -144,15 +144,11 @@ def test_ddp_two_processes_bf16_trains_and_saves(tmp_path):
     assert any(not torch.equal(saved[k], before[k]) for k in before), "training did not change the weights"
 
 
-MASTER_BUG = "warn_pure_bf16 ignores FSDP/DeepSpeed chosen by accelerate's config (ACCELERATE_USE_*)"
-
-
 @pytest.mark.parametrize("launcher_env,fp32_master", [
     ({}, False),  # `iftune ift` or `accelerate launch` with DDP: bf16 weights are updated in place
-    # What `accelerate launch --config_file recipes/accelerate/{fsdp,zero3}.yaml` sets. Known bug:
-    # train.warn_pure_bf16 reads only the --fsdp/--deepspeed flags, not the launcher's config.
-    pytest.param({"ACCELERATE_USE_FSDP": "true"}, True, marks=pytest.mark.xfail(strict=True, reason=MASTER_BUG)),
-    pytest.param({"ACCELERATE_USE_DEEPSPEED": "true"}, True, marks=pytest.mark.xfail(strict=True, reason=MASTER_BUG)),
+    # What `accelerate launch --config_file recipes/accelerate/{fsdp,zero3}.yaml` sets.
+    ({"ACCELERATE_USE_FSDP": "true"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, True),
 ], ids=["single-or-ddp", "fsdp-config", "deepspeed-config"])
 def test_pure_bf16_warning_names_only_runs_without_fp32_master_weights(
         launcher_env, fp32_master, models, recipe_data, tmp_path, monkeypatch, caplog):
