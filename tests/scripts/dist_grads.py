@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,8 +112,8 @@ def grad_or_zeros(param: torch.nn.Parameter, grad: torch.Tensor | None) -> torch
 # ---------------------------------------------------------------- the two wrappers
 
 
-def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.Module, callable]:
-    """The layout accelerate 1.15 builds (`fsdp2_prepare_model`, called as is): fully_shard per
+def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(model, full gradients, backward) in the layout accelerate 1.15 builds (`fsdp2_prepare_model`, called as is): fully_shard per
     decoder layer, the input embedding, [final norm, LM head] (tied: with the embedding), the root."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -128,11 +129,11 @@ def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.
         return {n: grad_or_zeros(p, None if p.grad is None else p.grad.full_tensor())
                 for n, p in wrapped.named_parameters()}
 
-    return wrapped, full_grads, torch.Tensor.backward, wrapped
+    return wrapped, full_grads, torch.Tensor.backward
 
 
-def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path):
-    """`deepspeed.initialize` at stage 3 of the reference weights loaded the way the HF Trainer
+def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(engine, full gradients, backward): `deepspeed.initialize` at stage 3 of the reference weights loaded the way the HF Trainer
     loads them under ZeRO-3: `from_pretrained` with an `HfDeepSpeedConfig` alive, which builds
     the model inside `deepspeed.zero.Init` (parameters partitioned from construction)."""
     import deepspeed
@@ -155,10 +156,35 @@ def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path):
     def full_grads() -> dict:
         return {n: grad_or_zeros(p, safe_get_full_grad(p)) for n, p in engine.module.named_parameters()}
 
-    return engine, full_grads, engine.backward, engine
+    return engine, full_grads, engine.backward
 
 
 # ---------------------------------------------------------------- main
+
+
+def compare(got: dict, expected: dict, single_bf16: dict | None) -> dict:
+    """How far the sharded gradients are from one fp32 process (and one bf16 process's own error)."""
+    diffs = {n: (got[n] - e).abs().max().item() for n, e in expected.items()}
+    rel = relative_errors(got, expected)
+    single = relative_errors(single_bf16, expected) if single_bf16 is not None else {}
+    return {
+        "max_abs_diff": max(diffs.values()),
+        "worst_param": max(diffs, key=diffs.get),
+        "max_rel_diff": max(rel.values()),
+        "worst_rel_param": max(rel, key=rel.get),
+        "single_process_max_rel_diff": max(single.values(), default=0.0),
+        "max_abs_grad": max(g.abs().max().item() for g in expected.values()),
+        "grad_shapes_match": all(got[n].shape == e.shape for n, e in expected.items()),
+    }
+
+
+def rank_stats(out, world: int) -> dict:
+    """Every rank's intuition accuracy, sequence and trained-token counts (what its batch was)."""
+    stats = torch.tensor([float(out.intuition_accuracy), float(out.n_sequences), float(out.n_tokens)])
+    every = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(every, stats)
+    return {"intuition_accuracy": [e[0].item() for e in every], "n_sequences": [int(e[1]) for e in every],
+            "n_tokens": [int(e[2]) for e in every]}
 
 
 def main() -> None:
@@ -179,9 +205,9 @@ def main() -> None:
     kw = loss_kwargs(args)
     plan = [(n, b) for n, b in steps(ref, vocab) if args.steps is None or n in args.steps]
     if args.backend == "fsdp2":
-        model, full_grads, backward, module = fsdp2_model(copy.deepcopy(ref), args.mixed_precision)
+        model, full_grads, backward = fsdp2_model(copy.deepcopy(ref), args.mixed_precision)
     else:
-        model, full_grads, backward, module = zero3_model(ref, args.mixed_precision, Path(args.out).parent)
+        model, full_grads, backward = zero3_model(ref, args.mixed_precision, Path(args.out).parent)
     model.train()
 
     # accelerate adds autocast under FSDP (native AMP), not under DeepSpeed (bf16 weights instead).
@@ -192,32 +218,14 @@ def main() -> None:
         low = copy.deepcopy(ref).to(torch.float32 if autocast else torch.bfloat16)
     report = {"backend": args.backend, "world_size": world, "steps": []}
     for name, batches in plan:
-        expected = reference_grads(ref, concat(batches), kw)
-        for p in module.parameters():
+        for p in model.parameters():
             p.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss, out = window_loss(model, batches[rank], world, kw)
         backward(loss)
-        got = full_grads()
-        stats = torch.tensor([float(out.intuition_accuracy), float(out.n_sequences), float(out.n_tokens)])
-        every = [torch.zeros_like(stats) for _ in range(world)]
-        dist.all_gather(every, stats)
-        diffs = {n: (got[n] - expected[n].float()).abs().max().item() for n in expected}
-        rel = relative_errors(got, expected)
-        single = relative_errors(reference_grads(low, concat(batches), kw, autocast), expected) if low else {}
-        report["steps"].append({
-            "name": name,
-            "max_abs_diff": max(diffs.values()),
-            "worst_param": max(diffs, key=diffs.get),
-            "max_rel_diff": max(rel.values()),
-            "worst_rel_param": max(rel, key=rel.get),
-            "single_process_max_rel_diff": max(single.values(), default=0.0),
-            "max_abs_grad": max(g.abs().max().item() for g in expected.values()),
-            "grad_shapes_match": all(got[n].shape == expected[n].shape for n in expected),
-            "intuition_accuracy": [e[0].item() for e in every],
-            "n_sequences": [int(e[1]) for e in every],
-            "n_tokens": [int(e[2]) for e in every],
-        })
+        expected = reference_grads(ref, concat(batches), kw)
+        single = reference_grads(low, concat(batches), kw, autocast) if low is not None else None
+        report["steps"].append({"name": name, **compare(full_grads(), expected, single), **rank_stats(out, world)})
         if args.backend == "zero3":
             model.optimizer.zero_grad()
     if rank == 0:
