@@ -113,14 +113,21 @@ def grad_or_zeros(param: torch.nn.Parameter, grad: torch.Tensor | None) -> torch
 
 
 def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.Module, Callable, Callable]:
-    """(model, full gradients, backward) in the layout accelerate 1.15 builds (`fsdp2_prepare_model`, called as is): fully_shard per
-    decoder layer, the input embedding, [final norm, LM head] (tied: with the embedding), the root."""
+    """(model, full gradients, backward) in the layout accelerate 1.15 builds (`fsdp2_prepare_model`,
+    called as is, with recipes/accelerate/fsdp.yaml's settings: transformer-based wrap, reshard
+    after forward, CPU-RAM-efficient loading from rank 0): fully_shard per decoder layer, the
+    input embedding, [final norm, LM head] (tied: with the embedding), the root."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        cpu_ram_efficient_loading=True,
         mixed_precision_policy=None if mixed_precision == "no" else mixed_precision)
+    if dist.get_rank() != 0:  # as with cpu_ram_efficient_loading, only rank 0 holds the real weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision,
                                   is_main_process=dist.get_rank() == 0, device=torch.device("cpu"))
     wrapped = fsdp2_prepare_model(accelerator, model)
