@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iftune.checks import check_prepared_data, check_run
+from iftune.cli import check_config, describe, usage_error
 from iftune.errors import UserError
 
 logger = logging.getLogger("iftune")
@@ -34,6 +36,8 @@ class DataArguments:
     dataset_train_split: list[str] = field(
         default_factory=lambda: ["train"],
         metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its files may be replaced)."})
 
 
 def trainer_classes(method: str) -> tuple[type, type]:
@@ -71,6 +75,7 @@ def make_parser(method: str):
     if method in ("sft", "ift"):
         defaults["assistant_only_loss"] = True  # turned off for data without `messages`
     parser.set_defaults(**defaults)
+    describe(parser, method)
     return parser
 
 
@@ -78,10 +83,8 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
     """(script_args, training_args, model_args) from a YAML `--config` plus flags, exactly as
     `iftune <method>` parses them; a bad value raises `UserError`."""
     parser = make_parser(method)
-    if "--config" in argv:
-        path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-        if not Path(path).is_file():
-            raise UserError(f"--config: no such file '{path}'")
+    parser.error = usage_error(method)  # argparse would print the whole 160-line usage, then exit
+    check_config(argv)
     try:
         return parser.parse_args_and_config(args=list(argv))
     except ValueError as err:
@@ -147,11 +150,13 @@ def train(method: str, script_args: DataArguments, training_args, model_args):
     The library call behind `iftune <method>`: it sets up no logging and changes no
     environment variable; bad input raises `UserError`.
     """
-    resume = training_args.resume_from_checkpoint
-    if resume and resume not in ("true", "True") and not Path(resume).is_dir():
-        raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
+    from iftune.callbacks import FiniteGuard
+
+    checkpoint = check_run(method, script_args, training_args, model_args)
     trainer = build_trainer(method, script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    check_prepared_data(trainer, getattr(training_args, "max_length", None))
+    trainer.add_callback(FiniteGuard())  # a NaN run stops with one line, and saves nothing
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:
