@@ -27,16 +27,29 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of `tensors` is finite on every process (one reduction, one sync)."""
+def finite_norm(tensors: list[torch.Tensor]) -> bool:
+    """Whether the 2-norm of `tensors` together is finite on every process (the gradient norm
+    the Trainer logs; one sync)."""
     tensors = [t for t in tensors if t.numel()]
-    bad = torch.zeros((), dtype=torch.float32)
-    if tensors:
-        norm = torch.nn.utils.get_total_norm(tensors, error_if_nonfinite=False)
-        bad = (~torch.isfinite(norm)).float()
+    norm = torch.nn.utils.get_total_norm(tensors, error_if_nonfinite=False) if tensors else torch.zeros(())
+    return agree(bool(torch.isfinite(norm)))
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite on every process (a norm could overflow for
+    huge but finite weights, so each tensor is checked; one sync)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return agree(True)
+    device = tensors[0].device  # a no-op move, unless some weights are offloaded elsewhere
+    return agree(bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()))
+
+
+def agree(ok: bool) -> bool:
+    """`ok` on every process: all ranks must agree to stop, or the others would hang."""
+    bad = torch.tensor(float(not ok))
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
-        # shards differ between ranks: all must agree to stop, or the others would hang
         device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         bad = bad.to(device)
@@ -57,7 +70,7 @@ class FiniteGuard(TrainerCallback):
         if model is None or args.fp16:
             return
         grads = [local(p.grad) for p in trainable(model) if p.grad is not None]
-        if not all_finite(grads):
+        if not finite_norm(grads):
             raise UserError(f"step {state.global_step + 1}: the gradient norm is not finite (inf or NaN); "
                             f"training stopped before the optimizer step, {ADVICE}")
 
@@ -82,4 +95,4 @@ class FiniteGuard(TrainerCallback):
                             f"training stopped, {ADVICE}")
 
 
-__all__ = ["FiniteGuard", "all_finite"]
+__all__ = ["FiniteGuard", "agree", "all_finite", "finite_norm"]
