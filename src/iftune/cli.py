@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("iftune.train", "main_sft", "train with TRL's SFTTrainer"),
     "dpo": ("iftune.train", "main_dpo", "train with TRL's DPOTrainer"),
     "orpo": ("iftune.train", "main_orpo", "train with TRL's ORPO trainer"),
+    "recipes": ("iftune.train", "recipes_main", "list the shipped recipes, or print one's full path"),
     "demo": ("iftune.demo", "main", "offline IFT vs SFT study on a tiny model (the default)"),
     "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
