@@ -376,5 +376,15 @@ def test_non_finite_weights_after_the_last_step_are_not_saved(capsys, tiny_model
 def test_every_row_dropped_by_max_length(capsys, tiny_model_dir, chat_file, preference_file, tmp_path, method):
     data = preference_file if method == "dpo" else chat_file
     expect_error(capsys, [method, *base_args(tiny_model_dir, data, tmp_path / "o", max_length=1)],
-                 "--max_length 1", "every training row was dropped")
+                 "--max_length 1", "every one of the 16 training rows", "no trained token")
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_argparse_commands_take_underscores_as_dashes():
+    assert cli.dashed(["--output_dir", "a_b", "--max_new_tokens=3", "-x", "--", "--keep_me"]) == \
+        ["--output-dir", "a_b", "--max-new-tokens=3", "-x", "--", "--keep_me"]
+    from iftune.evaluation.generate import build_parser
+
+    args = build_parser().parse_args(cli.dashed(["--model", "m", "--prompts", "p", "--output", "o",
+                                                 "--max_new_tokens", "3", "--batch_size", "2"]))
+    assert (args.max_new_tokens, args.batch_size) == (3, 2)

@@ -14,7 +14,6 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from iftune.errors import UserError
 
@@ -182,17 +181,5 @@ def check_run(method: str, script_args, training_args, model_args) -> str | None
     return checkpoint
 
 
-def check_prepared_data(trainer: Any, max_length: int | None) -> None:
-    """After TRL's tokenization: some rows are left to train on (TRL drops rows whose trained
-    tokens all fall beyond `max_length`)."""
-    try:
-        rows = len(trainer.train_dataset)
-    except TypeError:  # a streamed dataset has no length
-        return
-    if rows == 0:
-        raise UserError(f"--max_length {max_length}: every training row was dropped (none keeps a token to "
-                        f"train on after truncation); raise --max_length")
-
-
-__all__ = ["check_against_model", "check_output_dir", "check_prepared_data", "check_run", "check_values",
+__all__ = ["check_against_model", "check_output_dir", "check_run", "check_values",
            "check_weight_files", "resolve_resume", "safetensors_problem"]

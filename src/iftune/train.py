@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iftune.checks import check_prepared_data, check_run
+from iftune.checks import check_run
 from iftune.cli import check_config, describe, usage_error
 from iftune.errors import UserError
 
@@ -260,12 +260,12 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
 def report_dropped(trainer, n_rows: int, method: str, training_args) -> None:
     """Log the rows TRL dropped for having no trained token left after truncation; refuse a run
     that would train on nothing."""
-    if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
-        return
     kept = len(trainer.train_dataset)
-    if kept == 0:
+    if kept == 0:  # DPO and ORPO drop such rows too
         raise UserError(f"--max_length {training_args.max_length}: every one of the {n_rows} training rows has no "
                         f"trained token left after truncation; raise --max_length")
+    if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
+        return
     if kept < n_rows:
         logger.warning("training data: dropped %d of %d rows that have no trained token after truncation "
                        "(max_length=%s)", n_rows - kept, n_rows, training_args.max_length)
@@ -282,7 +282,6 @@ def train(method: str, script_args: DataArguments, training_args, model_args):
 
     checkpoint = check_run(method, script_args, training_args, model_args)
     trainer = build_trainer(method, script_args, training_args, model_args)
-    check_prepared_data(trainer, getattr(training_args, "max_length", None))
     trainer.add_callback(FiniteGuard())  # a NaN run stops with one line, and saves nothing
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
