@@ -22,6 +22,7 @@ logger = logging.getLogger("iftune")
 # Names of the write probes: another rank's probe must not make the directory look non-empty.
 PROBE_PREFIX = ".iftune-write-check-"
 TRUE = ("true", "True", "TRUE", "1", "yes")
+FALSE = ("false", "False", "FALSE", "0", "no")
 
 
 def check_values(args) -> None:
@@ -78,7 +79,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     None when not resuming."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if not resume or resume in ("false", "False", "no", "0"):
+    if not resume or resume in FALSE:
         return None
     if resume in TRUE:
         found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
@@ -168,8 +169,7 @@ def check_run(method: str, script_args, training_args, model_args) -> str | None
     returns the checkpoint directory to resume from (None when not resuming)."""
     check_values(training_args)
     resume = training_args.resume_from_checkpoint
-    resuming = bool(resume) and resume not in ("false", "False", "no", "0")
-    check_output_dir(training_args.output_dir, script_args.overwrite_output_dir, resuming)
+    check_output_dir(training_args.output_dir, script_args.overwrite_output_dir, bool(resume) and resume not in FALSE)
     checkpoint = resolve_resume(resume, training_args.output_dir)
     name = model_args.model_name_or_path
     if name and Path(name).is_dir():
