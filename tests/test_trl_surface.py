@@ -140,3 +140,35 @@ def test_recipes_command_lists_and_resolves(capsys):
     assert cli.main(["recipes", "accelerate/zero3"]) == 0
     assert capsys.readouterr().out.strip().endswith("accelerate/zero3.yaml")
     assert cli.main(["recipes", "no/such"]) == 2
+
+
+def test_padding_free_collator_keys_reach_both_forwards(tmp_path):
+    """cu_seq_lens_*, max_length_* (flash-attention varlen) are passed on, not rebuilt per layer."""
+    tok = build_tokenizer()
+    trainer = IFTTrainer(model=build_model(len(tok)), processing_class=tok,
+                         args=IFTConfig(output_dir=str(tmp_path), **CPU), train_dataset=Dataset.from_list(conversations(2)))
+    ids = torch.tensor([[1, 7, 8, 9, 1, 10, 11]])
+    inputs = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]]),
+              "cu_seq_lens_q": torch.tensor([0, 4, 7]), "cu_seq_lens_k": torch.tensor([0, 4, 7]),
+              "max_length_q": 4, "max_length_k": 4}
+    seen = []
+    handle = trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
+    try:
+        trainer.compute_loss(trainer.model, inputs)
+    finally:
+        handle.remove()
+    assert len(seen) == 2
+    for keys in seen:
+        assert {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"} <= set(keys)
+
+
+def test_pure_bf16_weights_with_a_small_learning_rate_warn(tmp_path, tiny_model_dir, chat_file, caplog):
+    import logging
+
+    from iftune.train import warn_pure_bf16
+
+    training_args = IFTConfig(output_dir=str(tmp_path), **CPU, learning_rate=5e-7)
+    with caplog.at_level(logging.WARNING, logger="iftune"):
+        warn_pure_bf16(SimpleNamespace(dtype="bfloat16", use_peft=False), training_args)
+        warn_pure_bf16(SimpleNamespace(dtype="float32", use_peft=False), training_args)
+    assert len([r for r in caplog.records if "fp32 master weights" in r.getMessage()]) == 1
