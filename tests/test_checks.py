@@ -41,23 +41,53 @@ def test_finite_checks_one_process():
     assert all_finite([]) and finite_norm([])
 
 
-def _rank(rank: int, init: str, results: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
-        mine = torch.tensor([float("nan")]) if rank == 1 else torch.ones(2)
-        out = [all_finite([mine]), all_finite([torch.ones(2)]), finite_norm([mine])]
-        with open(f"{results}.{rank}", "w") as fh:
-            json.dump(out, fh)
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank(rank: int, port: int, data: str, cache: str, results: str) -> None:
+    """One of two CPU processes set up as `accelerate launch` / torchrun would (accelerate's
+    state first, as TrainingArguments makes it, then the data, then a step's NaN check)."""
+    import logging
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    import datasets
+    from accelerate import PartialState
+
+    from iftune.data import load_training_data
+
+    state = PartialState(cpu=True)
+    datasets.config.HF_DATASETS_CACHE = cache
+    datasets.logging.set_verbosity_info()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    datasets.logging.get_logger().addHandler(handler)
+    rows = load_training_data([data], "sft")
+    mine = torch.tensor([float("nan")]) if rank == 1 else torch.ones(2)
+    out = {"processes": state.num_processes, "rows": len(rows),
+           "cached": any("Loading cached processed dataset" in m for m in seen),
+           "finite": [all_finite([mine]), all_finite([torch.ones(2)]), finite_norm([mine])]}
+    with open(f"{results}.{rank}", "w") as fh:
+        json.dump(out, fh)
+    state.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ranks_agree_when_only_one_sees_nan(tmp_path):
-    """A NaN in one rank's shard (FSDP2 / ZeRO-3 keep different shards) stops every rank."""
+def test_two_processes_share_the_data_and_stop_together(tmp_path):
+    """Rank 0 converts the data while rank 1 waits, then rank 1 reads rank 0's cache (issue 10
+    item 9); a NaN in one rank's shard (FSDP2 / ZeRO-3 keep different shards) stops both."""
+    import socket
+
     import torch.multiprocessing as mp
 
+    from conftest import conversations, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(32))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     results = str(tmp_path / "out")
-    mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", results), nprocs=2, join=True)
-    for rank in (0, 1):
-        assert json.loads(open(f"{results}.{rank}").read()) == [False, True, False]
+    mp.spawn(_rank, args=(port, str(data), str(tmp_path / "cache"), results), nprocs=2, join=True)
+    got = [json.loads(open(f"{results}.{rank}").read()) for rank in (0, 1)]
+    assert [g["processes"] for g in got] == [2, 2] and [g["rows"] for g in got] == [32, 32]
+    assert [g["cached"] for g in got] == [False, True]
+    assert [g["finite"] for g in got] == [[False, True, False]] * 2
