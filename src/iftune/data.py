@@ -117,7 +117,7 @@ def diagnose_json(path: Path) -> None:
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{number}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}:{number}: expected a JSON object, got {_kind(row)}")
     if rows == 0:
         raise UserError(f"{path}: no rows (the file holds only blank lines)")
 
