@@ -78,7 +78,6 @@ def test_two_processes_share_the_data_and_stop_together(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
-
     from conftest import conversations, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(32))

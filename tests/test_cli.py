@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from iftune import cli, train
 
 RECIPES = sorted((Path(train.__file__).parent / "recipes").glob("*/*.yaml"))

@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from conftest import conversations, write_jsonl
+
 from iftune import cli
 from iftune.data import load_training_data
 
