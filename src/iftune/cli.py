@@ -142,7 +142,7 @@ COMMON_FLAGS = """Most runs need:
   --dataset_name DATA [DATA ...]      hub id(s) or local .jsonl/.json/.parquet file(s) or folder(s)
   --output_dir DIR                    where the model goes (default outputs/{method}); a non-empty
                                       DIR is refused unless --overwrite_output_dir true
-  --config RECIPE.yaml                options from a recipe; flags given here win
+  --config RECIPE                     a recipe's YAML file or shipped name (`iftune recipes`); flags win
   --learning_rate LR  --num_train_epochs N (or --max_steps N)  --max_length TOKENS
   --per_device_train_batch_size B  --gradient_accumulation_steps A  --bf16 true
   --use_peft true --lora_r 16         train a LoRA adapter instead of every weight
@@ -164,9 +164,9 @@ def training_summary(method: str) -> str:
 
         inherited = {f.name for f in fields(SFTConfig)}
         own = [f"--{f.name} {f.default}" for f in fields(IFTConfig) if f.name not in inherited]
-        text += "\nIFT options, with the paper's defaults (each is described below):\n"
+        text += "\nIFT options and their defaults (the paper's recipe; each is described below):\n"
         text += "".join(f"  {line}\n" for line in pack(own, width=94))
-    return text + "\nEvery option follows (TRL's and transformers', then iftune's)."
+    return text + "\nEvery option follows: iftune's data options, then TRL's and transformers'."
 
 
 def pack(items: list[str], width: int) -> list[str]:
@@ -181,7 +181,7 @@ def pack(items: list[str], width: int) -> list[str]:
 
 def describe(parser: argparse.ArgumentParser, method: str) -> None:
     """Give a training command's parser a short usage line and the summary at the top of --help."""
-    parser.usage = f"iftune {method} --model_name_or_path MODEL --dataset_name DATA [--config RECIPE.yaml] [options]"
+    parser.usage = f"iftune {method} --model_name_or_path MODEL --dataset_name DATA [--config RECIPE] [options]"
     parser.description = training_summary(method)
     parser.formatter_class = SummaryFormatter
 
