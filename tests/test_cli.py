@@ -309,6 +309,13 @@ def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file,
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
 
 
+def test_output_dir_with_checkpoints_suggests_resuming(capsys, tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "o"
+    (out / "checkpoint-2").mkdir(parents=True)
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out)], "not empty",
+                 "--resume_from_checkpoint true", "--overwrite_output_dir true")
+
+
 def test_truncated_safetensors(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
     model = tmp_path / "cut"
     shutil.copytree(tiny_model_dir, model)

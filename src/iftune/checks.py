@@ -51,8 +51,10 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     if path.is_dir():
         kept = [p.name for p in path.iterdir() if not p.name.startswith(PROBE_PREFIX)]
         if kept and not (overwrite or resuming):
+            resume = ", --resume_from_checkpoint true to continue its run," if any(
+                name.startswith("checkpoint-") for name in kept) else ""
             raise UserError(f"--output_dir {output_dir}: is not empty (holds {', '.join(sorted(kept)[:3])}"
-                            f"{', ...' if len(kept) > 3 else ''}); choose a new directory, or pass "
+                            f"{', ...' if len(kept) > 3 else ''}); choose a new directory{resume} or pass "
                             f"--overwrite_output_dir true to write over it")
         probe_writable(path, output_dir)
         return
