@@ -206,7 +206,11 @@ def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -
 
 def warn_pure_bf16(model_args, training_args) -> None:
     """bf16 weights updated in place (one GPU, DDP) lose updates below bf16's resolution."""
-    sharded = bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
+    from accelerate.utils import parse_flag_from_env
+
+    # FSDP2 and ZeRO-3 keep fp32 master weights, chosen by flags or by accelerate's config (env).
+    sharded = (bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
+               or parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
     if model_args.dtype == "bfloat16" and not sharded and not model_args.use_peft and training_args.learning_rate < 1e-4:
         logger.warning("bf16 weights without fp32 master weights: at learning_rate=%g most of each update is below "
                        "bf16's resolution (2^-8 of the weight) and rounds away; use --dtype float32 with --bf16 true, "
