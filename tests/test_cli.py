@@ -395,3 +395,10 @@ def test_argparse_commands_take_underscores_as_dashes():
     args = build_parser().parse_args(cli.dashed(["--model", "m", "--prompts", "p", "--output", "o",
                                                  "--max_new_tokens", "3", "--batch_size", "2"]))
     assert (args.max_new_tokens, args.batch_size) == (3, 2)
+
+
+def test_eval_wrong_type_is_one_line(capsys):
+    pytest.importorskip("lm_eval")
+    assert run_cli("eval", "--model", "m", "--limit", "abc") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--limit" in err[0] and "invalid float value: 'abc'" in err[0], err

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from iftune.cli import usage_error
 from iftune.errors import UserError
 from iftune.evaluation import data as data_mod
 from iftune.evaluation.report import LEADERBOARD, compare, markdown_table, summarize
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of `iftune eval`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.error = usage_error("eval")
+    args = parser.parse_args(argv)
     if args.compare:
         return run_compare(args.compare, args.output_dir)
     if not args.model:
