@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from iftune.checks import check_run
-from iftune.cli import check_config, describe, usage_error
-from iftune.errors import UserError
+from iftune.arguments import check_config, describe
+from iftune.errors import UserError, usage_error
 
 logger = logging.getLogger("iftune")
 

@@ -13,8 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from iftune.cli import usage_error
-from iftune.errors import UserError
+from iftune.errors import UserError, usage_error
 from iftune.evaluation import data as data_mod
 from iftune.evaluation.report import LEADERBOARD, compare, markdown_table, summarize
 
