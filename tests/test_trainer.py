@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def first_batch(trainer: IFTTrainer) -> dict:
 @pytest.mark.parametrize("field,value", [("max_lambda", 1.5), ("min_lambda", -0.1), ("gamma", 2.0),
                                          ("norm", "L3"), ("side", "up"), ("propagation", "x"),
                                          ("intuition", "beam"), ("lambda_schedule", "cosine"),
-                                         ("intuition_embeddings", "cold"), ("intuition_k", 0),
+                                         ("intuition_embeddings", "cold"), ("intuition_embeddings", "frozen"), ("intuition_k", 0),
                                          ("head_chunk_size", 0), ("lm_head", "liger")])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
@@ -106,7 +107,7 @@ def test_logs_ift_metrics_with_trl_lines(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    for key in ("loss", "sft_loss", "intuitive_nll", "lambda", "intuition_accuracy", "num_tokens", "grad_norm"):
+    for key in ("loss", "sft_loss", "intuitive_nll", "lambda", "intuition_accuracy", "num_input_tokens_seen", "grad_norm"):
         assert key in logs[0], key
     assert logs[0]["lambda"] == pytest.approx(0.2)
 
@@ -207,10 +208,14 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, chat_
     a, b = _weights(full), _weights(cut)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    # The token count continues from the checkpoint instead of restarting at 0.
+    seen = [json.loads((d / "trainer_state.json").read_text())["log_history"][-1]["num_input_tokens_seen"]
+            for d in (full, cut)]
+    assert seen[0] == seen[1] > 0
 
 
-def test_frozen_intuition_embeddings_leave_the_input_table_untrained(tmp_path):
-    """The reference mixes embeddings from a frozen copy: an untied model's input table never trains."""
+def test_detached_intuition_embeddings_leave_an_untied_input_table_untrained(tmp_path):
+    """The reference mixes embeddings without gradient: an untied model's input table never trains."""
     def embed_change(mode: str) -> float:
         tok = build_tokenizer()
         model = build_model(len(tok))
@@ -220,7 +225,7 @@ def test_frozen_intuition_embeddings_leave_the_input_table_untrained(tmp_path):
         trainer.train()
         return (trainer.model.get_input_embeddings().weight - start).abs().max().item()
 
-    assert embed_change("frozen") == 0.0
+    assert embed_change("detached") == 0.0
     assert embed_change("live") > 1e-4
 
 

@@ -8,6 +8,9 @@ their final logits (see `logit_transform`). Hidden states may have any leading s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -36,8 +39,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden)
+def _logits(forward: Callable, hidden: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    logits = forward(hidden)
     if scale != 1.0:
         logits = logits * scale
     if softcap:
@@ -50,7 +53,27 @@ def _chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-@torch.no_grad()
+def head_call(head: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(forward, *args)` run as ONE call of the `head` module; `forward` is the head's own
+    forward, to apply to each chunk without the module's hooks.
+
+    Wrappers act through hooks on the head module: ZeRO-3 gathers its weight before the call,
+    releases it after, and gathers it again before the backward of the call's output; FSDP
+    unshards around it. Running the whole chunk loop inside one call makes the number of those
+    collectives one per pass on every rank, whatever the number of positions (zero included).
+    """
+    own = head.__dict__.get("forward")  # accelerate's device hooks set an instance forward
+    forward = own if own is not None else type(head).forward.__get__(head)
+    head.forward = lambda *a: fn(forward, *a)
+    try:
+        return head(*args)
+    finally:
+        if own is not None:
+            head.forward = own
+        else:
+            del head.forward
+
+
 def intuition_from_hidden(
     hidden: torch.Tensor,
     head: nn.Module,
@@ -66,73 +89,86 @@ def intuition_from_hidden(
     with_logp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's choice of next token at every position, and the teacher-forced log-prob of
-    `targets` (the next tokens; any id where -100), from (..., H) hidden states.
+    `targets` (the next tokens; any id where -100), from (..., H) hidden states, without grad.
 
     Returns `(predictions (...) long, target_logp (...))`, log-probs in float32 or wider, or
     None without `with_logp` (the log-sum-exp over the vocabulary is most of the head's cost
-    beyond its matmul).
+    beyond its matmul). One call of `head` whatever the number of positions.
     """
+    def run(forward, flat, tgt):
+        n = tgt.numel()
+        preds = torch.empty(n, dtype=torch.long, device=flat.device)
+        logp = torch.empty(n, dtype=_acc_dtype(flat.dtype), device=flat.device)
+        for sl in _chunks(n, chunk_size or chunk_positions(vocab_size(head))):
+            logits = _logits(forward, flat[sl], scale, softcap)
+            if intuition == "greedy" or (intuition == "rank" and k == 1):
+                preds[sl] = logits.argmax(-1)
+            elif intuition == "rank":
+                preds[sl] = logits.topk(k, dim=-1).indices[:, -1]
+            else:  # sample
+                probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
+                preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if with_logp:
+                logits = logits.to(logp.dtype)
+                logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return preds, logp
+
     shape, n = targets.shape, targets.numel()
-    flat, tgt = hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)
-    preds = torch.empty(n, dtype=torch.long, device=hidden.device)
-    logp = torch.empty(n, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-    for sl in _chunks(n, chunk_size or chunk_positions(_out_features(head))):
-        logits = _logits(head, flat[sl], scale, softcap)
-        if intuition == "greedy" or (intuition == "rank" and k == 1):
-            preds[sl] = logits.argmax(-1)
-        elif intuition == "rank":
-            if k > logits.shape[-1]:
-                raise ValueError(f"intuition_k={k} is larger than the vocabulary ({logits.shape[-1]})")
-            preds[sl] = logits.topk(k, dim=-1).indices[:, -1]
-        else:  # sample
-            probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
-            preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if with_logp:
-            logits = logits.to(logp.dtype)
-            logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    with torch.no_grad():
+        preds, logp = head_call(head, run, hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0))
     return preds.view(shape), (logp.view(shape) if with_logp else None)
 
 
-def _token_logp(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+def _token_logp(forward: Callable, hidden: torch.Tensor, targets: torch.Tensor,
                 scale: float, softcap: float | None) -> torch.Tensor:
-    logits = _logits(head, hidden, scale, softcap)
+    logits = _logits(forward, hidden, scale, softcap)
     logits = logits.to(_acc_dtype(logits.dtype))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """What autocast would give a matmul operand: float32 tensors in the autocast dtype."""
+    return t if t is None or dtype is None or t.dtype != torch.float32 else t.to(dtype)
 
 
 class _LinearChunkLogProb(torch.autograd.Function):
     """log p(target) through a plain linear head, storing only the log-sum-exp: the backward
     recomputes the chunk's logits once, `d logit = g * (onehot - softmax)`, and applies the
-    two matmuls itself (checkpointing would recompute the log-sum-exp and its graph too)."""
+    two matmuls itself (checkpointing would recompute the log-sum-exp and its graph too).
+    `dtype` is the autocast dtype of the forward (None: none), which the backward reuses."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale):
-        logits = nn.functional.linear(hidden, weight, bias)
+    def forward(ctx, hidden, weight, bias, targets, scale, dtype=None):
+        logits = nn.functional.linear(_cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype))
         logits = logits.to(_acc_dtype(logits.dtype)) * scale
         lse = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.dtype = scale, dtype
         return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        logits = nn.functional.linear(hidden, weight, bias)
+        h, w = _cast(hidden, ctx.dtype), _cast(weight, ctx.dtype)
+        logits = nn.functional.linear(h, w, _cast(bias, ctx.dtype))
         logits = logits.to(_acc_dtype(logits.dtype)) * ctx.scale
         dlogits = torch.exp(logits.sub_(lse[:, None])).mul_(-grad[:, None])
         dlogits.scatter_add_(-1, targets[:, None], grad[:, None].to(dlogits.dtype))
-        dz = (dlogits * ctx.scale).to(weight.dtype)
-        grad_hidden = (dz @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = dz.T @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = dz.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        dz = (dlogits * ctx.scale).to(w.dtype)
+        grad_hidden = (dz @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (dz.T @ h.to(w.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _fused_chunks_ok(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> bool:
-    """The hand-written backward covers a plain nn.Linear head without autocast or softcap;
-    anything else (LoRA on the head, sharded weights, mixed precision) is checkpointed."""
-    return (type(head) is nn.Linear and not softcap and type(head.weight) is nn.Parameter
-            and not torch.is_autocast_enabled(hidden.device.type))
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _fused_chunks_ok(head: nn.Module, softcap: float | None) -> bool:
+    """The hand-written backward covers a plain nn.Linear head without softcap; anything else
+    (LoRA on the head, a sharded weight type) is checkpointed chunk by chunk."""
+    return type(head) is nn.Linear and not softcap and type(head.weight) is nn.Parameter
 
 
 def token_logprobs(
@@ -147,30 +183,36 @@ def token_logprobs(
     """log p(targets | hidden) per position, shaped like `targets`, float32 (or wider), with gradient.
 
     Each chunk's logits are recomputed in the backward pass instead of being stored, which
-    keeps peak memory at one chunk of logits; `chunk_size=None` picks ~128 MiB chunks.
+    keeps peak memory at one chunk of logits; `chunk_size=None` picks ~128 MiB chunks. One
+    call of `head` whatever the number of positions, under the caller's autocast.
     """
+    def run(forward, flat, tgt):
+        n = tgt.numel()
+        size = chunk_size or chunk_positions(vocab_size(head))
+        if n <= size:
+            # One chunk: its stored logits are within the chunk budget, so skip the recompute.
+            return _token_logp(forward, flat, tgt, scale, softcap)
+        if not torch.is_grad_enabled():
+            parts = [_token_logp(forward, flat[sl], tgt[sl], scale, softcap) for sl in _chunks(n, size)]
+        elif _fused_chunks_ok(head, softcap):
+            dtype = _autocast_dtype(flat.device)
+            parts = [_LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale), dtype)
+                     for sl in _chunks(n, size)]
+        else:
+            parts = [checkpoint(_token_logp, forward, flat[sl], tgt[sl], scale, softcap, use_reentrant=False)
+                     for sl in _chunks(n, size)]
+        return torch.cat(parts)
+
     shape, n = targets.shape, targets.numel()
-    flat, tgt = hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)
-    size = chunk_size or chunk_positions(_out_features(head))
-    if n <= size:
-        # One chunk: its stored logits are within the chunk budget, so skip the recompute.
-        return _token_logp(flat, tgt, head, scale, softcap).view(shape)
-    if not torch.is_grad_enabled():
-        parts = [_token_logp(flat[sl], tgt[sl], head, scale, softcap) for sl in _chunks(n, size)]
-    elif _fused_chunks_ok(head, flat, softcap):
-        parts = [_LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale))
-                 for sl in _chunks(n, size)]
-    else:
-        parts = [checkpoint(_token_logp, flat[sl], tgt[sl], head, scale, softcap, use_reentrant=False)
-                 for sl in _chunks(n, size)]
-    return torch.cat(parts).view(shape)
+    return head_call(head, run, hidden.reshape(n, hidden.shape[-1]), targets.reshape(n).clamp_min(0)).view(shape)
 
 
-def _out_features(head: nn.Module) -> int:
+def vocab_size(head: nn.Module) -> int:
+    """Output size of the LM head; under ZeRO-3 the partitioned weight's full shape (`ds_shape`)."""
     weight = getattr(head, "weight", None)
     if weight is not None:
-        return int(weight.shape[0])
+        return int(getattr(weight, "ds_shape", weight.shape)[0])
     return int(getattr(head, "out_features", 32000))
 
 
-__all__ = ["chunk_positions", "intuition_from_hidden", "logit_transform", "token_logprobs"]
+__all__ = ["chunk_positions", "head_call", "intuition_from_hidden", "logit_transform", "token_logprobs", "vocab_size"]

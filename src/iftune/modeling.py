@@ -6,13 +6,19 @@ regrouping of packed rows into documents. Pure torch; no Hugging Face import.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from iftune.lm_head import logit_transform, token_logprobs
 
 IGNORE_INDEX = -100
+# Forward keywords a padding-free collator adds (flash-attention varlen): passed on as they are.
+FORWARD_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,16 +38,19 @@ def trained_logprobs(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     *,
-    chunk_size: int | None = None,
-    **inputs: torch.Tensor,
+    head_chunk_size: int | None = None,
+    **inputs: Any,
 ) -> torch.Tensor:
     """log p(targets) where `mask`, 0 elsewhere, (B, T-1), from one forward with gradient on
-    `inputs` (`input_ids` or `inputs_embeds`): the LM head runs at the trained positions only."""
+    `inputs` (`input_ids` or `inputs_embeds`, plus extra forward keywords): the LM head runs
+    at the trained positions only, in one call of the head module whatever their number."""
     base = unwrap_model(model)
     scale, softcap = logit_transform(base.config)
-    hidden = hidden_states(model, base, attention_mask, position_ids, **inputs)
-    picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
-                            scale=scale, softcap=softcap, chunk_size=chunk_size)
+    with record_function("ift.training_forward"):
+        hidden = hidden_states(model, attention_mask, position_ids, **inputs)
+    with record_function("ift.training_head"):
+        picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
+                                scale=scale, softcap=softcap, chunk_size=head_chunk_size)
     return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
 
 
@@ -88,18 +97,55 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def hidden_states(model: nn.Module, base: nn.Module, attention_mask, position_ids, **inputs) -> torch.Tensor:
-    """Final (normed) hidden states from the model's own forward, so that DDP, PEFT and
-    gradient checkpointing hooks all run; the LM head is applied to one position only."""
-    kwargs = dict(attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+def hidden_states(model: nn.Module, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+    """(B, T, H) final (normed) hidden states from one call of the model's own forward.
+
+    Through the (wrapped) forward, so that DDP, FSDP, PEFT, accelerate's autocast and gradient
+    checkpointing all act as in any training step. The body's output is taken by a hook on the
+    base transformer, which keeps neither every layer's hidden states nor accelerate's float32
+    copies of them; the model's own LM head runs on one position only. `inputs` holds
+    `input_ids` or `inputs_embeds`, plus any extra forward keyword from the collator.
+    """
+    base = unwrap_model(model)
+    kwargs = dict(inputs, attention_mask=attention_mask, use_cache=False)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if accepts(base, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    return model(**inputs, **kwargs).hidden_states[-1]
+    body = getattr(base, "base_model", base)
+    if body is base:  # no separate body to hook: every layer's hidden states it is
+        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
+    seen: list[torch.Tensor] = []
+    handle = body.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@contextmanager
+def intuition_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, as at inference) for the intuition pass, then the model's own mode.
+
+    bitsandbytes' 4-bit layers stay in train mode: on a CPU, their first eval-mode no-grad call
+    repacks the weight into a layout they cannot backpropagate through afterwards, which would
+    leave every later training pass without gradient.
+    """
+    training = model.training
+    model.eval()
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes"):
+            module.training = training
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def accepts(module: nn.Module, name: str) -> bool:
+    """Whether `module.forward` takes a keyword `name`."""
     try:
         return name in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -107,8 +153,10 @@ def accepts(module: nn.Module, name: str) -> bool:
 
 
 __all__ = [
+    "FORWARD_KEYS",
     "IGNORE_INDEX",
     "hidden_states",
+    "intuition_mode",
     "per_document",
     "sequence_count",
     "target_documents",

@@ -1,9 +1,13 @@
-"""The Intuitive Fine-Tuning objective (Hua et al., section 4, eq. 17-22), in pure torch.
+"""The Intuitive Fine-Tuning objective (Hua et al., section 4, eq. 17-22), in pure torch, in
+the paper's order: the temporal residual connection (eq. 17), dynamic relation propagation
+(eq. 19-22), then the loss of one step. `docs/objective.md` is the contract this module
+implements; its steps 1-6 are the numbered comments in `ift_loss`.
 
-`shared/ift-spec.md` is the contract this module implements; the step numbers in the
-comments refer to it. Nothing here imports Hugging Face: `ift_loss` only needs a causal LM
-with the usual interface (`get_input_embeddings`, `get_output_embeddings`, a forward that
-takes `inputs_embeds` and returns `hidden_states`), plain, PEFT-wrapped or DDP-wrapped.
+Nothing here imports Hugging Face: `ift_loss` needs a causal LM with the usual interface
+(`get_input_embeddings`, `get_output_embeddings`, a forward that takes `inputs_embeds`),
+plain, PEFT-wrapped, DDP/FSDP2-wrapped or partitioned by DeepSpeed ZeRO-3. Every rank makes
+the same calls of the embedding and head modules whatever its data, which sharded wrappers
+need (each call is a collective there).
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
-from iftune.errors import UserError
-from iftune.lm_head import intuition_from_hidden, logit_transform
+from iftune.errors import UserError, check_choice, check_unit
+from iftune.lm_head import intuition_from_hidden, logit_transform, vocab_size
 from iftune.modeling import (
+    FORWARD_KEYS,
     IGNORE_INDEX,
     hidden_states,
+    intuition_mode,
     per_document,
     trained_logprobs,
     trained_targets,
@@ -30,30 +38,83 @@ PROPAGATIONS = ("loss", "logps", "mask")
 SIDES = ("left", "right")
 NORMS = ("L1", "L2", "softmax", "log")
 INTUITIONS = ("greedy", "rank", "sample")
+EMBEDDINGS = ("live", "detached")
 
 # Value given to untrained positions on the "right" side before inversion (reference code).
 _RIGHT_FILL = 1e6
 
 
-def check_choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise UserError(f"{name}={value!r} is not valid; expected one of {', '.join(map(repr, allowed))}")
-
-
-def check_unit(name: str, value: float) -> None:
-    v = float(value)
-    if not (0.0 <= v <= 1.0) or math.isnan(v):
-        raise UserError(f"{name}={value!r} is out of range; expected a number in [0, 1]")
-
-
-def check_relation_options(gamma: float, propagation: str, side: str, norm: str) -> None:
+def check_options(gamma: float = 0.95, propagation: str = "loss", side: str = "left", norm: str = "L1",
+                  intuition: str = "greedy", intuition_k: int = 1, intuition_temperature: float = 1.0,
+                  intuition_embeddings: str = "live") -> None:
+    """Raise `UserError` naming the first option of the objective that is out of range."""
     check_unit("gamma", gamma)
     check_choice("propagation", propagation, PROPAGATIONS)
     check_choice("side", side, SIDES)
     check_choice("norm", norm, NORMS)
+    check_choice("intuition", intuition, INTUITIONS)
+    if intuition_embeddings == "frozen":
+        raise UserError("intuition_embeddings='frozen' was removed: the reference code mixes the *current* "
+                        "table without gradient, which is intuition_embeddings='detached'")
+    check_choice("intuition_embeddings", intuition_embeddings, EMBEDDINGS)
+    if int(intuition_k) < 1:
+        raise UserError(f"intuition_k={intuition_k!r} is not valid; expected an integer >= 1")
+    if not float(intuition_temperature) > 0:
+        raise UserError(f"intuition_temperature={intuition_temperature!r} is not valid; expected a number > 0")
 
 
-# --------------------------------------------------------------------------- discounting
+# --------------------------------------------------------------------------- eq. 17
+
+
+def intuitive_tokens(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """pi(s_{i-1}) of eq. 17: at each trained position t, the token the model predicted from t-1.
+
+    Args:
+        input_ids: (B, T) the input tokens s.
+        labels: (B, T) unshifted labels, -100 where a token is not trained.
+        predictions: (B, T) `predictions[b, t]` is the model's choice for token t+1.
+        position_ids: (B, T) or None; with packed rows, restarts at 0 for each document.
+
+    Returns:
+        (B, T) intuitive token ids. Untrained positions, the first position and each packed
+        document's first token keep their input id.
+    """
+    intuitive_ids = input_ids.clone()
+    intuitive_ids[:, 1:] = predictions[:, :-1].to(input_ids.dtype)
+    keep = labels == IGNORE_INDEX
+    keep[:, 0] = True
+    if position_ids is not None:
+        keep |= position_ids == 0
+    return torch.where(keep, input_ids, intuitive_ids)
+
+
+def mix_embeddings(embeds: torch.Tensor, intuitive_embeds: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """Temporal residual connection, eq. 17: `(1 - lam) * E[s_i] + lam * E[pi(s_{i-1})]`, any shape."""
+    if not torch.is_tensor(lam):
+        check_unit("lam", lam)
+    return (1 - lam) * embeds + lam * intuitive_embeds
+
+
+def mixed_inputs(table: nn.Module, input_ids: torch.Tensor, intuitive_ids: torch.Tensor,
+                 lam: float | torch.Tensor, detached: bool = False) -> torch.Tensor:
+    """Eq. 17 over a batch: (B, T, H) inputs embeddings from two lookups of the whole batch.
+
+    Where the intuitive token equals the input the result is E[input] exactly. Always two calls
+    of `table` (never data-dependent: under ZeRO-3 each call gathers the table). `detached`:
+    both lookups without gradient (the reference code's refreshed copy of the live table).
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+        embeds, intuitive = table(input_ids), table(intuitive_ids)
+    differs = (intuitive_ids != input_ids).unsqueeze(-1)
+    return torch.where(differs, mix_embeddings(embeds, intuitive, lam), embeds)
+
+
+# --------------------------------------------------------------------------- eq. 19-22
 
 
 def discounted_cumsum(x: torch.Tensor, gamma: float, reverse: bool = False) -> torch.Tensor:
@@ -89,9 +150,6 @@ def _decay_matrix(gamma: float, size: int, stride: int, like: torch.Tensor) -> t
     return m.to(dtype=like.dtype, device=like.device)
 
 
-# --------------------------------------------------------------------------- eq. 19-22
-
-
 def relation_weights(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -101,12 +159,22 @@ def relation_weights(
     norm: str = "L1",
     detach: bool = False,
 ) -> torch.Tensor:
-    """Dynamic relation propagation (eq. 19-22): one weight per trained token, (B, T).
+    """Dynamic relation propagation (eq. 19-22): one weight per trained token.
 
-    Each row's weights are zero where `mask` is 0 and sum to the row's token count n_b, so a
-    weighted per-sequence mean stays on the scale of SFT's. `gamma == 0` gives plain SFT weights.
+    Args:
+        logps: (B, T) log-probabilities of the trained tokens (any value where `mask` is 0).
+        mask: (B, T) bool or 0/1, which tokens are trained.
+        gamma: discount in [0, 1]; 0 gives plain SFT weights (all ones).
+        propagation: what is propagated: "loss" (-logp / n_b), "logps" (-logp), "mask" (counting).
+        side: "left" (a token weighs what it influences later) or "right" (reference's inverse).
+        norm: "L1", "L2", "softmax" or "log" transform of the propagated sums.
+        detach: stop the gradient through the weights.
+
+    Returns:
+        (B, T) weights, zero where `mask` is 0; each row sums to its token count n_b, so a
+        weighted per-sequence mean stays on the scale of SFT's.
     """
-    check_relation_options(gamma, propagation, side, norm)
+    check_options(gamma, propagation, side, norm)
     m = mask.to(logps.dtype)
     n = m.sum(-1, keepdim=True)
     if float(gamma) == 0.0:
@@ -138,36 +206,6 @@ def relation_weights(
     return torch.where(ok, w * n / torch.where(ok, total, torch.ones_like(total)), m)
 
 
-# --------------------------------------------------------------------------- eq. 17
-
-
-def intuitive_tokens(
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    predictions: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Step 2: at each trained position t, the token the model predicted from position t-1.
-
-    `predictions[b, t]` is the model's choice for token t+1. Untrained positions (labels -100),
-    the first position and, with packed sequences, each document's first token keep their id.
-    """
-    further = input_ids.clone()
-    further[:, 1:] = predictions[:, :-1].to(input_ids.dtype)
-    keep = labels == IGNORE_INDEX
-    keep[:, 0] = True
-    if position_ids is not None:
-        keep |= position_ids == 0
-    return torch.where(keep, input_ids, further)
-
-
-def mix_embeddings(embeds: torch.Tensor, intuitive_embeds: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    """Temporal residual connection, eq. 17: `(1 - lam) * E[s_i] + lam * E[pi(s_{i-1})]`."""
-    if not torch.is_tensor(lam):
-        check_unit("lam", lam)
-    return (1 - lam) * embeds + lam * intuitive_embeds
-
-
 # --------------------------------------------------------------------------- the loss
 
 
@@ -175,8 +213,15 @@ def mix_embeddings(embeds: torch.Tensor, intuitive_embeds: torch.Tensor, lam: fl
 class IFTOutput:
     """What one IFT step computes. `loss` carries the gradient; the rest are detached metrics.
 
-    `loss_sum` (sum of per-sequence losses) and `n_sequences` let a trainer divide by the
-    number of sequences of a whole accumulation window instead of one micro-batch.
+    Attributes:
+        loss: () the IFT loss, mean over sequences with a trained token of their weighted mean NLL.
+        sft_loss: () the teacher-forced NLL of the intuition pass (per-sequence mean): plain SFT's
+            loss on the same batch, free since that pass runs anyway; NaN when not asked for.
+        intuitive_nll: () the unweighted NLL of the training pass (on the mixed inputs).
+        intuition_accuracy: () share of trained positions where the intuition equals the target.
+        n_tokens: () trained positions.
+        loss_sum: () sum of per-sequence losses, and n_sequences: () sequences with a trained
+            token: a trainer divides the first by the second summed over a whole accumulation window.
     """
 
     loss: torch.Tensor
@@ -200,36 +245,51 @@ def ift_loss(
     side: str = "left",
     norm: str = "L1",
     intuition: str = "greedy",
+    intuition_k: int = 1,
+    intuition_temperature: float = 1.0,
+    intuition_embeddings: str = "live",
     detach_weights: bool = False,
     position_ids: torch.Tensor | None = None,
-    intuition_k: int = 1,
-    temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    embeddings: nn.Module | None = None,
-    chunk_size: int | None = None,
+    head_chunk_size: int | None = None,
     train_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     with_sft_loss: bool = True,
+    **forward_kwargs: Any,
 ) -> IFTOutput:
-    """One IFT step (spec steps 1-6): a no-grad intuition pass, then a training pass on the
-    mixed embeddings, weighted by relation propagation.
+    """One IFT step: a no-grad intuition pass, then a training pass on the mixed embeddings
+    (eq. 17), each token's loss weighted by relation propagation (eq. 19-22).
 
-    `labels` are unshifted (-100 = not trained). `embeddings` overrides the table E used for
-    mixing (the reference's frozen copy); by default it is the model's live input embedding.
-    `chunk_size` bounds the positions whose logits exist at once (default: ~128 MiB of them).
-    `train_logprobs(inputs_embeds, labels)`, if given, replaces iftune's head in the training
-    pass: it must return log p(labels[:, t+1]) as (B, T-1), e.g. TRL's fused LM head.
-    `with_sft_loss=False` skips the teacher-forced NLL of the intuition pass (`sft_loss` is
-    then NaN): on a CPU its log-sum-exp over the vocabulary is a few percent of a step.
+    Args:
+        model: a causal LM (plain, PEFT, DDP, FSDP2 or ZeRO-3).
+        input_ids: (B, T) token ids.
+        labels: (B, T) unshifted labels, -100 where not trained (prompt, padding).
+        attention_mask: (B, T) or None; must be None for packed rows.
+        lam: eq. 17's weight of the model's intuition, in [0, 1].
+        gamma, propagation, side, norm, detach_weights: eq. 19-22, see `relation_weights`.
+        intuition: "greedy", "rank" (the `intuition_k`-th most likely) or "sample" (at
+            `intuition_temperature`, drawn with `generator`).
+        intuition_embeddings: table E of eq. 17: "live" (trained through the lookup) or
+            "detached" (the current table without gradient through the lookup, as the
+            reference code does).
+        position_ids: (B, T) or (1, T); packed documents restart at 0.
+        head_chunk_size: trained positions whose logits exist at once (None: ~128 MiB of them).
+        train_logprobs: replaces iftune's head in the training pass: `(inputs_embeds, labels)
+            -> (B, T-1)` log p(labels[:, t+1]), e.g. TRL's fused LM head.
+        with_sft_loss: compute `sft_loss` (a log-sum-exp over the vocabulary in the intuition
+            pass); False leaves it NaN.
+        forward_kwargs: a padding-free collator's `cu_seq_lens_*`, `max_length_*`, `seq_idx`
+            (`modeling.FORWARD_KEYS`), passed to both forwards as they are; other names are refused.
+
+    Returns:
+        `IFTOutput`; `loss` is a () tensor with gradient, in float32 or wider.
     """
     if not torch.is_tensor(lam):
         check_unit("lam", lam)
-    check_relation_options(gamma, propagation, side, norm)
-    check_choice("intuition", intuition, INTUITIONS)
-    if intuition == "rank" and int(intuition_k) < 1:
-        raise UserError(f"intuition_k={intuition_k!r} is not valid; expected an integer >= 1")
-    if intuition == "sample" and not float(temperature) > 0:
-        raise UserError(f"temperature={temperature!r} is not valid; expected a number > 0")
-
+    check_options(gamma, propagation, side, norm, intuition, intuition_k, intuition_temperature,
+                  intuition_embeddings)
+    unknown = sorted(set(forward_kwargs) - set(FORWARD_KEYS))
+    if unknown:  # a misspelled option would otherwise reach the model and be ignored
+        raise TypeError(f"ift_loss got unexpected keyword arguments {unknown}; forward keywords are {FORWARD_KEYS}")
     if position_ids is not None:
         # Hugging Face takes (1, T) position ids for a whole batch; the per-row logic needs (B, T).
         position_ids = position_ids.expand_as(input_ids)
@@ -239,34 +299,34 @@ def ift_loss(
                             "with a mask the model attends across documents")
     base = unwrap_model(model)
     head = base.get_output_embeddings()
-    table = embeddings if embeddings is not None else base.get_input_embeddings()
+    if intuition == "rank" and int(intuition_k) > vocab_size(head):
+        raise UserError(f"intuition_k={intuition_k} is larger than the vocabulary ({vocab_size(head)})")
     targets, mask = trained_targets(labels, position_ids)
-    # The head runs only where a target is trained: prompts and padding cost no logits.
     scale, softcap = logit_transform(base.config)
-    head_kw = dict(scale=scale, softcap=softcap, chunk_size=chunk_size)
 
     # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference. Not
     # inference_mode: models that cache tensors on first use (rotary tables) would hand
     # inference tensors to the training pass.
-    training = model.training
     with torch.no_grad():
-        model.eval()
-        try:
-            hidden = hidden_states(model, base, attention_mask, position_ids, input_ids=input_ids)
-        finally:
-            model.train(training)
-        picked, tf_picked = intuition_from_hidden(
-            hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
-            temperature=float(temperature), generator=generator, with_logp=with_sft_loss, **head_kw)
+        with intuition_mode(model), record_function("ift.intuition_forward"):
+            hidden = hidden_states(model, attention_mask, position_ids, input_ids=input_ids, **forward_kwargs)
+        with record_function("ift.intuition_head"):
+            # The head runs only where a target is trained: prompts and padding cost no logits.
+            picked, tf_picked = intuition_from_hidden(
+                hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
+                temperature=float(intuition_temperature), generator=generator, with_logp=with_sft_loss,
+                scale=scale, softcap=softcap, chunk_size=head_chunk_size)
         del hidden
         preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
-    # Steps 2-3: intuitive tokens and the temporal residual connection.
-    further = intuitive_tokens(input_ids, labels, preds, position_ids)
-    x = _mixed_inputs(table, input_ids, further, lam)
+    # Steps 2-3: intuitive tokens and the temporal residual connection (eq. 17).
+    with record_function("ift.mix"):
+        intuitive_ids = intuitive_tokens(input_ids, labels, preds, position_ids)
+        x = mixed_inputs(base.get_input_embeddings(), input_ids, intuitive_ids, lam,
+                         detached=intuition_embeddings == "detached")
     # Step 4: training pass.
     if train_logprobs is None:
-        logp = trained_logprobs(model, targets, mask, attention_mask, position_ids, chunk_size=chunk_size,
-                                inputs_embeds=x)
+        logp = trained_logprobs(model, targets, mask, attention_mask, position_ids,
+                                head_chunk_size=head_chunk_size, inputs_embeds=x, **forward_kwargs)
     else:
         trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
         logp = train_logprobs(x, trained)
@@ -275,14 +335,14 @@ def ift_loss(
     if tf_picked is not None:
         tf_logp = tf_logp.masked_scatter(mask, tf_picked.to(logp.dtype))
 
-    # Steps 5-6, per document: rows of a padded batch, or the documents of packed rows.
-    logp_d, mask_d, tf_d = per_document(mask, position_ids, logp, tf_logp)
-    w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
+    # Steps 5-6 (eq. 19-22), per document: rows of a padded batch, or the documents of packed rows.
+    with record_function("ift.relation_weights"):
+        logp_d, mask_d, tf_d = per_document(mask, position_ids, logp, tf_logp)
+        w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
     n = mask_d.sum(-1)
     n_seq = (n > 0).sum()  # sequences without a trained token add 0 and are not counted
     denom = n.clamp_min(1).to(logp.dtype)
-    per_seq = (-(logp_d * w)).sum(-1) / denom
-    loss_sum = per_seq.sum()
+    loss_sum = ((-(logp_d * w)).sum(-1) / denom).sum()
     loss = loss_sum / n_seq.clamp_min(1)
     with torch.no_grad():
         sft = ((-tf_d * mask_d).sum(-1) / denom).sum() / n_seq.clamp_min(1)
@@ -290,28 +350,23 @@ def ift_loss(
             sft = torch.full_like(sft, math.nan)
         nll = ((-logp_d.detach()).sum(-1) / denom).sum() / n_seq.clamp_min(1)
         n_tok = mask.sum()
-        hits = (picked == targets[mask]).sum()
-        acc = hits.to(torch.float32) / n_tok.clamp_min(1)
+        acc = (picked == targets[mask]).sum().to(torch.float32) / n_tok.clamp_min(1)
     return IFTOutput(loss=loss, sft_loss=sft, intuitive_nll=nll, intuition_accuracy=acc,
                      n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
 
 
-def _mixed_inputs(table: nn.Module, input_ids: torch.Tensor, further: torch.Tensor,
-                  lam: float | torch.Tensor) -> torch.Tensor:
-    """Eq. 17, looking up E[further] only where it differs from the input token (elsewhere the
-    mix is E[input] itself): one embedding lookup of the whole batch instead of two."""
-    embeds = table(input_ids)
-    where = (further != input_ids).nonzero(as_tuple=True)
-    if where[0].numel() == 0:
-        return embeds
-    return embeds.index_put(where, mix_embeddings(embeds[where], table(further[where]), lam))
-
-
 __all__ = [
+    "EMBEDDINGS",
+    "INTUITIONS",
     "IFTOutput",
+    "NORMS",
+    "PROPAGATIONS",
+    "SIDES",
+    "check_options",
     "discounted_cumsum",
     "ift_loss",
     "intuitive_tokens",
     "mix_embeddings",
+    "mixed_inputs",
     "relation_weights",
 ]

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iftune.errors import UserError
+from iftune.checks import check_run
+from iftune.arguments import check_config, describe
+from iftune.errors import UserError, usage_error
 
 logger = logging.getLogger("iftune")
 
 METHODS = ("sft", "ift", "dpo", "orpo")
+RECIPES = Path(__file__).parent / "recipes"
 
 
 @dataclass
@@ -34,11 +37,27 @@ class DataArguments:
     dataset_train_split: list[str] = field(
         default_factory=lambda: ["train"],
         metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."})
+    eval_dataset_name: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation data, as dataset_name (used with --eval_strategy steps|epoch)."})
+    dataset_test_split: list[str] = field(
+        default_factory=lambda: ["test"],
+        metadata={"help": "Split of eval_dataset_name to evaluate on: one for all, or one per dataset."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its files may be replaced)."})
+
+
+@dataclass
+class PreferenceDataArguments(DataArguments):
+    """DPO and ORPO configs have no `chat_template_path` (SFTConfig does): the command adds it."""
+
+    chat_template_path: str | None = field(
+        default=None, metadata={"help": "A .jinja chat template to give the tokenizer (e.g. for a base model)."})
 
 
 def trainer_classes(method: str) -> tuple[type, type]:
     """(config class, trainer class) of `method`, one of `METHODS`; imported lazily (TRL is slow
-    to import). SFT is TRL's SFTTrainer with the dropped-row count logged."""
+    to import). SFT, DPO and ORPO are TRL's trainers as they are."""
     if method == "ift":
         from iftune.trainer import IFTConfig, IFTTrainer
 
@@ -46,9 +65,7 @@ def trainer_classes(method: str) -> tuple[type, type]:
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        from iftune.trainer import DropCountMixin
-
-        return SFTConfig, type("SFTTrainer", (DropCountMixin, SFTTrainer), {})
+        return SFTConfig, SFTTrainer
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -66,26 +83,62 @@ def make_parser(method: str):
     from iftune.trainer import default_bf16
 
     config_cls, _ = trainer_classes(method)
-    parser = TrlParser((DataArguments, config_cls, ModelConfig), prog=f"iftune {method}")
+    data_cls = PreferenceDataArguments if method in ("dpo", "orpo") else DataArguments
+    parser = TrlParser((data_cls, config_cls, ModelConfig), prog=f"iftune {method}")
     defaults: dict[str, Any] = {"bf16": default_bf16(), "output_dir": f"outputs/{method}"}
     if method in ("sft", "ift"):
         defaults["assistant_only_loss"] = True  # turned off for data without `messages`
     parser.set_defaults(**defaults)
+    describe(parser, method)
     return parser
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe file (`mistral-7b-ultrafeedback/ift.yaml`, `accelerate/zero3.yaml`,
+    `chat_templates/zephyr.jinja`; `.yaml` may be left out), or `name` itself if it is a file."""
+    if Path(name).is_file():
+        return Path(name)
+    for candidate in (RECIPES / name, RECIPES / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no such file or shipped recipe '{name}' (`iftune recipes` lists them)")
+
+
+def recipes_main(argv: list[str]) -> int:
+    """`iftune recipes [NAME]`: the full path of a shipped recipe, or the list of them."""
+    if argv:
+        print(recipe_path(argv[0]).resolve())
+        return 0
+    for path in sorted(RECIPES.rglob("*")):
+        if path.suffix in (".yaml", ".jinja"):
+            print(path.relative_to(RECIPES))
+    return 0
 
 
 def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
     """(script_args, training_args, model_args) from a YAML `--config` plus flags, exactly as
-    `iftune <method>` parses them; a bad value raises `UserError`."""
+    `iftune <method>` parses them; a bad value raises `UserError`. `--config` also takes a
+    shipped recipe's name; a relative `chat_template_path` in it is read beside the YAML."""
     parser = make_parser(method)
+    parser.error = usage_error(method)  # argparse would print the whole 160-line usage, then exit
+    argv = list(argv)
+    config = None
     if "--config" in argv:
-        path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-        if not Path(path).is_file():
-            raise UserError(f"--config: no such file '{path}'")
+        at = argv.index("--config") + 1
+        if at >= len(argv):
+            raise UserError("--config: expected a YAML file or a shipped recipe's name")
+        config = recipe_path(argv[at])
+        argv[at] = str(config)
+    check_config(argv)
     try:
-        return parser.parse_args_and_config(args=list(argv))
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except ValueError as err:
         raise UserError(str(err).strip().splitlines()[0]) from None
+    holder = script_args if hasattr(script_args, "chat_template_path") else training_args
+    template = getattr(holder, "chat_template_path", None)
+    if template and config is not None and not Path(template).exists() and (config.parent / template).is_file():
+        holder.chat_template_path = str(config.parent / template)
+    return script_args, training_args, model_args
 
 
 def load_tokenizer(model_args, trust_remote_code: bool = False):
@@ -103,6 +156,10 @@ def load_tokenizer(model_args, trust_remote_code: bool = False):
 
 
 def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
+    """Keyword arguments for the model's `from_pretrained`, with 4/8-bit quantization (QLoRA)
+    and its device map when `--load_in_4bit` or `--load_in_8bit` is given."""
+    from trl import get_quantization_config
+
     kwargs = dict(training_args.model_init_kwargs or {})
     kwargs.setdefault("revision", model_args.model_revision)
     kwargs.setdefault("trust_remote_code", getattr(training_args, "trust_remote_code", False))
@@ -110,7 +167,55 @@ def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
         kwargs.setdefault("attn_implementation", model_args.attn_implementation)
     if model_args.dtype not in (None, "auto"):
         kwargs.setdefault("dtype", model_args.dtype)
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'iftune[qlora]'") from None
+        if not model_args.use_peft:
+            raise UserError("--load_in_4bit/--load_in_8bit train adapters only: add --use_peft (QLoRA)")
+        kwargs.setdefault("quantization_config", quantization)
+        kwargs.setdefault("device_map", {"": str(training_args.device)})  # each process its own device
     return kwargs
+
+
+def apply_chat_template_path(tokenizer, path: str | None) -> None:
+    """Set the tokenizer's chat template from a .jinja file (TRL's `chat_template_path`)."""
+    if not path:
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--chat_template_path: no such file '{path}'")
+    tokenizer.chat_template = file.read_text(encoding="utf-8")
+
+
+def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -> None:
+    """Conversational data needs a chat template, and assistant-only loss needs its
+    `{% generation %}` markers (TRL takes the assistant mask from them)."""
+    template = tokenizer.chat_template
+    if not template:
+        raise UserError(f"model '{model_name}': the tokenizer has no chat template, which conversational data "
+                        f"needs; give one with --chat_template_path FILE.jinja (iftune ships one: "
+                        f"`iftune recipes chat_templates/zephyr.jinja`)")
+    if assistant_only_loss and "generation" not in str(template):
+        raise UserError(f"model '{model_name}': its chat template has no {{% generation %}} markers, which "
+                        f"--assistant_only_loss needs; give a template with them (--chat_template_path, e.g. "
+                        f"`iftune recipes chat_templates/zephyr.jinja`) or set --assistant_only_loss false")
+
+
+def warn_pure_bf16(model_args, training_args) -> None:
+    """bf16 weights updated in place (one GPU, DDP) lose updates below bf16's resolution."""
+    from accelerate.utils import parse_flag_from_env
+
+    # FSDP2 and ZeRO-3 keep fp32 master weights, chosen by flags or by accelerate's config (env).
+    sharded = (bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
+               or parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
+    if model_args.dtype == "bfloat16" and not sharded and not model_args.use_peft and training_args.learning_rate < 1e-4:
+        logger.warning("bf16 weights without fp32 master weights: at learning_rate=%g most of each update is below "
+                       "bf16's resolution (2^-8 of the weight) and rounds away; use --dtype float32 with --bf16 true, "
+                       "or FSDP2/ZeRO-3 (which keep fp32 master weights). See docs/distributed.md.",
+                       training_args.learning_rate)
 
 
 def build_trainer(method: str, data_args: DataArguments, training_args, model_args):
@@ -124,20 +229,50 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     tokenizer = load_tokenizer(model_args, getattr(training_args, "trust_remote_code", False))
     dataset = load_training_data(data_args.dataset_name, method, data_args.dataset_num_samples,
                                  data_args.dataset_train_split, data_args.dataset_config, training_args.seed)
-    if method in ("sft", "ift") and "messages" not in dataset.column_names:
-        training_args.assistant_only_loss = False
-    if method in ("sft", "ift") and "messages" in dataset.column_names and not tokenizer.chat_template:
-        raise UserError(f"model '{model_args.model_name_or_path}': the tokenizer has no chat template, "
-                        f"which conversational data needs")
+    eval_dataset = None
+    if data_args.eval_dataset_name:
+        eval_dataset = load_training_data(data_args.eval_dataset_name, method, None, data_args.dataset_test_split,
+                                          data_args.dataset_config, training_args.seed)
+    elif training_args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {training_args.eval_strategy}: give the evaluation data with "
+                        f"--eval_dataset_name")
+    if method in ("dpo", "orpo"):
+        apply_chat_template_path(tokenizer, data_args.chat_template_path)
+    else:
+        if "messages" not in dataset.column_names:
+            training_args.assistant_only_loss = False
+        else:
+            # Set here, not left to TRL, so that the template check below sees it.
+            apply_chat_template_path(tokenizer, training_args.chat_template_path)
+            training_args.chat_template_path = None
+            check_chat_template(tokenizer, model_args.model_name_or_path, training_args.assistant_only_loss)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    warn_pure_bf16(model_args, training_args)
     _, trainer_cls = trainer_classes(method)
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    report_dropped(trainer, len(dataset), method, training_args)
+    return trainer
+
+
+def report_dropped(trainer, n_rows: int, method: str, training_args) -> None:
+    """Log the rows TRL dropped for having no trained token left after truncation; refuse a run
+    that would train on nothing."""
+    kept = len(trainer.train_dataset)
+    if kept == 0:  # DPO and ORPO drop such rows too
+        raise UserError(f"--max_length {training_args.max_length}: every one of the {n_rows} training rows has no "
+                        f"trained token left after truncation; raise --max_length")
+    if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
+        return
+    if kept < n_rows:
+        logger.warning("training data: dropped %d of %d rows that have no trained token after truncation "
+                       "(max_length=%s)", n_rows - kept, n_rows, training_args.max_length)
 
 
 def train(method: str, script_args: DataArguments, training_args, model_args):
@@ -147,22 +282,28 @@ def train(method: str, script_args: DataArguments, training_args, model_args):
     The library call behind `iftune <method>`: it sets up no logging and changes no
     environment variable; bad input raises `UserError`.
     """
-    resume = training_args.resume_from_checkpoint
-    if resume and resume not in ("true", "True") and not Path(resume).is_dir():
-        raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
+    from iftune.callbacks import FiniteGuard
+
+    checkpoint = check_run(method, script_args, training_args, model_args)
     trainer = build_trainer(method, script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    trainer.add_callback(FiniteGuard())  # a NaN run stops with one line, and saves nothing
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
+        trainer.create_model_card(model_name=Path(training_args.output_dir).name)
         logger.info("saved %s model to %s", method, training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
     return trainer
 
 
 def run(method: str, argv: list[str]) -> int:
     """`iftune <method> ...`: logging to the console, then `train(method, *parse(method, argv))`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # bitsandbytes warns on import about an optional CPU kernel package, on every run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(method, *parse(method, argv))
     return 0
@@ -184,4 +325,5 @@ def main_orpo(argv: list[str]) -> int:
     return run("orpo", argv)
 
 
-__all__ = ["DataArguments", "METHODS", "build_trainer", "make_parser", "parse", "run", "train", "trainer_classes"]
+__all__ = ["DataArguments", "METHODS", "PreferenceDataArguments", "build_trainer", "make_parser", "parse", "recipe_path", "run", "train",
+           "trainer_classes"]

@@ -8,21 +8,16 @@ checkpointing; `report_to`) is inherited. Only the loss changes: the two passes 
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from iftune.objective import (
-    INTUITIONS,
-    check_choice,
-    check_relation_options,
-    check_unit,
-    ift_loss,
-)
-from iftune.modeling import sequence_count, unwrap_model
+from iftune.errors import UserError, check_choice, check_unit
+from iftune.modeling import FORWARD_KEYS, sequence_count
+from iftune.objective import check_options, ift_loss
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +63,9 @@ class IFTConfig(SFTConfig):
     intuition_k: int = field(default=1, metadata={"help": "Eq. 17: k for intuition='rank' (1 = greedy)."})
     intuition_temperature: float = field(default=1.0, metadata={"help": "Eq. 17: temperature for 'sample'."})
     intuition_embeddings: str = field(
-        default="live", metadata={"help": "Eq. 17: table E: 'live' (the model's, trained) or 'frozen' (a copy of "
-                                          "the initial table, as the reference code does)."})
+        default="live", metadata={"help": "Eq. 17: table E: 'live' (the model's, trained through the lookup) or "
+                                          "'detached' (the current table, no gradient through either lookup, as the "
+                                          "reference code's refreshed copy)."})
     detach_weights: bool = field(
         default=False, metadata={"help": "Eq. 22: stop the gradient through the relation weights."})
     lm_head: str = field(
@@ -89,25 +85,29 @@ class IFTConfig(SFTConfig):
             self.bf16 = default_bf16()
         for name in ("min_lambda", "max_lambda"):
             check_unit(name, getattr(self, name))
-        check_relation_options(self.gamma, self.propagation, self.side, self.norm)
+        check_options(self.gamma, self.propagation, self.side, self.norm, self.intuition, self.intuition_k,
+                      self.intuition_temperature, self.intuition_embeddings)
         check_choice("lambda_schedule", self.lambda_schedule, (None, "linear"))
         check_choice("lambda_disturb", self.lambda_disturb, (None, "normal"))
-        check_choice("intuition", self.intuition, INTUITIONS)
-        check_choice("intuition_embeddings", self.intuition_embeddings, ("live", "frozen"))
         check_choice("lm_head", self.lm_head, ("iftune", "trl"))
         if self.lambda_warmup_steps < 0:
-            raise ValueError(f"lambda_warmup_steps={self.lambda_warmup_steps!r} is not valid; expected an integer >= 0")
+            raise UserError(f"lambda_warmup_steps={self.lambda_warmup_steps!r} is not valid; expected an integer >= 0")
         if not self.disturb_std >= 0:
-            raise ValueError(f"disturb_std={self.disturb_std!r} is not valid; expected a number >= 0")
+            raise UserError(f"disturb_std={self.disturb_std!r} is not valid; expected a number >= 0")
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
-            raise ValueError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
-        if self.intuition_k < 1:
-            raise ValueError(f"intuition_k={self.intuition_k!r} is not valid; expected an integer >= 1")
-        if not self.intuition_temperature > 0:
-            raise ValueError(f"intuition_temperature={self.intuition_temperature!r} is not valid; expected a number > 0")
+            raise UserError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
         if self.packing and self.packing_strategy == "wrapped":
-            raise ValueError("packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
-                             "cross documents; use packing_strategy='bfd'")
+            raise UserError("packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
+                            "cross documents; use packing_strategy='bfd'")
+        # Options of SFTTrainer's loss that IFT's loss replaces: refused rather than silently ignored.
+        for name, ignored in (("loss_type", self.loss_type != "nll"), ("label_smoothing_factor",
+                              bool(self.label_smoothing_factor)), ("router_aux_loss_coef", bool(self.router_aux_loss_coef))):
+            if ignored:
+                raise UserError(f"{name}={getattr(self, name)!r} is not supported by IFT, whose loss replaces "
+                                f"SFTTrainer's; leave it at its default")
+        if self.include_num_input_tokens_seen in ("no", False):
+            # The Trainer's count, logged as num_input_tokens_seen and restored on resume.
+            self.include_num_input_tokens_seen = "non_padding"
         super().__post_init__()
 
     def lambda_at(self, step: int, disturb: bool = True) -> float:
@@ -124,27 +124,7 @@ class IFTConfig(SFTConfig):
         return float(lam)
 
 
-class DropCountMixin:
-    """Logs how many rows TRL's preparation dropped (no trained token left after truncation)."""
-
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        before = _length(dataset)
-        out = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        after = _length(out)
-        if before is not None and after is not None and not packing and after < before:
-            logger.warning("%s dataset: dropped %d of %d rows that have no trained token after truncation "
-                           "(max_length=%s)", dataset_name, before - after, before, args.max_length)
-        return out
-
-
-def _length(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
-class IFTTrainer(DropCountMixin, SFTTrainer):
+class IFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is Intuitive Fine-Tuning (eq. 17-22).
 
     The loss of an optimizer step is the mean, over every sequence of the accumulation window
@@ -152,7 +132,16 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
     big batch, whatever the split into micro-batches and processes.
     """
 
-    _tag_names = ["trl", "sft", "iftune", "ift"]
+    _tag_names = ["trl", "iftune", "ift"]
+    _name = "IFT"
+    _paper = {
+        "title": "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single Process",
+        "id": "2405.11870",
+        "citation": "@article{hua2024intuitive,\n  title={Intuitive Fine-Tuning: Towards Simplifying Alignment "
+                    "into a Single Process},\n  author={Hua, Ermo and Qi, Biqing and Zhang, Kaiyan and Yu, Yue and "
+                    "Ding, Ning and Lv, Xingtai and Tian, Kai and Zhou, Bowen},\n  journal={arXiv preprint "
+                    "arXiv:2405.11870},\n  year={2024}\n}",
+    }
 
     def __init__(self, model, args: IFTConfig | None = None, data_collator=None, train_dataset=None, *pos, **kwargs):
         if args is None:
@@ -163,13 +152,26 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
         sample = _first_row(train_dataset)
         if args.assistant_only_loss and sample is not None and "messages" not in sample:
             args.assistant_only_loss = False  # TRL supports it for `messages` data only
+        if kwargs.get("compute_loss_func") is not None:
+            raise UserError("compute_loss_func is not supported by IFTTrainer: IFT's loss replaces it")
         super().__init__(model, args, data_collator, train_dataset, *pos, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's sequence count
-        self._frozen_embeddings = None
-        if args.intuition_embeddings == "frozen":
-            table = unwrap_model(self.model).get_input_embeddings()
-            self._frozen_embeddings = copy.deepcopy(table).requires_grad_(False)
+        self._check_parallelism()
         self._micro_step = (-1, 0)
+
+    def _check_parallelism(self) -> None:
+        """Refuse the layouts whose sharding IFT's extra head and embedding calls cannot see."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            raise UserError("FSDP1 (fsdp_version: 1) is not supported: IFT calls the LM head outside the forward, "
+                            "where FSDP1 shows the flat sharded parameter; use FSDP2 (fsdp_version: 2)")
+        if getattr(self, "aux_loss_enabled", False):
+            raise UserError("the MoE router auxiliary loss is not supported by IFT, whose loss replaces SFTTrainer's; "
+                            "set router_aux_loss_coef=0")
+        config = self.accelerator.parallelism_config
+        if config is not None and (config.cp_enabled or config.sp_enabled or config.tp_enabled):
+            raise UserError("context, sequence and tensor parallelism are not supported by IFT: its intuition pass "
+                            "needs whole sequences on each rank; use data parallelism, FSDP2 or ZeRO-3")
 
     # -- gradient accumulation: count sequences, not tokens, over the whole window
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -177,7 +179,7 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             return None
         count = sum(sequence_count(b["labels"], b.get("position_ids")) for b in batch_samples)
         count = torch.as_tensor(count, device=device)
-        if self.args.world_size > 1:
+        if self.args.world_size > 1 and self.args.average_tokens_across_devices:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count
 
@@ -194,22 +196,23 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         lam = self.args.lambda_at(self.state.global_step, disturb=mode == "train")
-        input_ids = inputs["input_ids"]
-        if self._frozen_embeddings is not None:
-            self._frozen_embeddings.to(input_ids.device)
         args = self.args
-        out = ift_loss(
-            model, input_ids, inputs["labels"], inputs.get("attention_mask"),
-            position_ids=inputs.get("position_ids"), lam=lam, gamma=args.gamma,
-            propagation=args.propagation, side=args.side, norm=args.norm, intuition=args.intuition,
-            intuition_k=args.intuition_k, temperature=args.intuition_temperature,
-            generator=self._generator(input_ids.device), detach_weights=args.detach_weights,
-            embeddings=self._frozen_embeddings, chunk_size=args.head_chunk_size,
-            train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
-            with_sft_loss=mode == "eval" or self._logs_this_step(),
-        )
+        extra = {k: v for k, v in inputs.items() if k in FORWARD_KEYS}  # padding-free collator's keys
+        # The forward runs under accelerate's autocast (it wraps model.forward); the embedding
+        # lookups and head calls made outside it run under the same autocast here.
+        with self.accelerator.autocast():
+            out = ift_loss(
+                model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"), lam=lam, gamma=args.gamma,
+                propagation=args.propagation, side=args.side, norm=args.norm, intuition=args.intuition,
+                intuition_k=args.intuition_k, intuition_temperature=args.intuition_temperature,
+                intuition_embeddings=args.intuition_embeddings, detach_weights=args.detach_weights,
+                generator=self._generator(inputs["input_ids"].device), head_chunk_size=args.head_chunk_size,
+                train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
+                with_sft_loss=mode == "eval" or self._logs_this_step(), **extra,
+            )
         loss = self.window_mean(out.loss_sum, out.n_sequences, num_items_in_batch)
-        self._log_metrics(mode, out, lam, inputs)
+        self._log_metrics(mode, out, lam)
         return (loss, None) if return_outputs else loss
 
     def window_mean(self, loss_sum: torch.Tensor, n_sequences: torch.Tensor, num_items_in_batch) -> torch.Tensor:
@@ -218,7 +221,8 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
         count, since DDP averages gradients); without that count, the micro-batch's own mean."""
         if num_items_in_batch is None:
             return loss_sum / n_sequences.clamp_min(1)
-        return loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1) * self.accelerator.num_processes
+        loss = loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1)
+        return loss * self.accelerator.num_processes if self.args.average_tokens_across_devices else loss
 
     def _logs_this_step(self) -> bool:
         """Whether the current optimizer step ends in a log line: `sft_loss` (a log-sum-exp
@@ -238,7 +242,7 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
                          position_ids=inputs.get("position_ids"), labels=labels, fused_lm_head=True).log_probs
         return logprobs
 
-    def _log_metrics(self, mode: str, out, lam: float, inputs) -> None:
+    def _log_metrics(self, mode: str, out: Any, lam: float) -> None:
         gather = self.accelerator.gather_for_metrics
         stats = torch.stack([out.sft_loss, out.intuitive_nll, out.intuition_accuracy.to(out.sft_loss.dtype)])
         stats = gather(stats.detach().float().reshape(1, -1)).reshape(-1, 3).mean(0).tolist()
@@ -246,11 +250,6 @@ class IFTTrainer(DropCountMixin, SFTTrainer):
             if value == value:  # NaN: sft_loss is not computed on steps that are not logged
                 self._metrics[mode][key].append(value)
         self._metrics[mode]["lambda"].append(lam)
-        if mode == "train":
-            mask = inputs.get("attention_mask")
-            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-            self._total_train_tokens += int(gather(local.reshape(1)).sum().item())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # IFT builds no full logits: evaluation reports the loss only.

@@ -33,6 +33,7 @@ def main() -> None:
         trainer.add_callback(KillAfterSave(kill))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()
 
 
 if __name__ == "__main__":
