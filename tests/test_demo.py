@@ -152,7 +152,7 @@ def test_summary_pairs_by_seed():
 
 
 def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
-    import iftune.demo as demo
+    from iftune import demo
     from iftune.cli import main
 
     monkeypatch.setattr(demo, "BASE_SPEC", TINY)
@@ -167,6 +167,7 @@ def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "ift_gamma0" in printed and "exact match" in printed
+    assert main(["demo", "--seeds", "1", "--steps", "2", "--output_dir", str(out)]) == 0  # a rerun rewrites runs/
 
 
 def test_demo_rejects_bad_options():

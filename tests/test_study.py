@@ -176,6 +176,9 @@ def test_quick_study_writes_its_schema(tmp_path, capsys):
     from iftune import study
 
     out_dir = tmp_path / "s"
+    leftover = out_dir / "models" / "base0-sft-seed0" / "stage0"  # an interrupted attempt's folder
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
     assert study.main(["--quick", "--workers", "1", "--seeds", "1", "--methods", "sft", "dpo", "sft_dpo",
                        "--output-dir", str(out_dir)]) == 0
     out = json.loads((out_dir / "study.json").read_text())

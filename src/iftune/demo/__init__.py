@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="fine-tuning seeds per method")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per fine-tuning run")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/demo",
-                        help="where demo.json, demo.png and the runs go")
+                        help="where demo.json, demo.png and the runs go (runs/ is rewritten)")
     parser.add_argument("--build-base", action="store_true",
                         help="pre-train the base model with the builder (cached) instead of using the copy "
                              "shipped with iftune; its weights, and so the results, depend on the machine")
@@ -231,6 +232,7 @@ def run_one(method: str, seed: int, steps: int, base: Path, train_file: Path, he
             out_dir: Path) -> RunResult:
     command, extra = METHODS[method]
     run_dir = out_dir / "runs" / f"{method}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own model from an earlier run: rebuilt
     t0 = time.perf_counter()
     history = fine_tune(command, base, train_file, run_dir, steps, seed, extra)
     train_seconds = time.perf_counter() - t0

@@ -74,7 +74,8 @@ def stage_data(stage: Stage, steps: int, model: Path, out: Path, work: Path, bas
     if stage.pairs == "base":
         path = base_pairs_path(work, base)
         return path, json.loads(path.with_suffix(".counts.json").read_text())
-    return out / "pairs.jsonl", make_pairs(model, examples[: s.pair_prompts(steps)], True, out / "pairs.jsonl")
+    path = out.with_name(out.name + "-pairs.jsonl")  # beside the stage's folder: training wants it empty
+    return path, make_pairs(model, examples[: s.pair_prompts(steps)], True, path)
 
 
 def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str, seed: int,
@@ -82,6 +83,7 @@ def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str
     """Train `method` from `base_dir` with `seed`, score it, save and return the result."""
     start = time.perf_counter()
     model, out, pairs, losses = base_dir, work / "models" / f"base{base}-{method}-seed{seed}", None, []
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left: this run starts afresh
     for i, stage in enumerate(METHODS[method]):
         stage_out, steps = out / f"stage{i}", max(1, round(stage.share * s.steps))
         data, counts = stage_data(stage, steps, model, stage_out, work, base, pair_examples, s)
