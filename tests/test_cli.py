@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from iftune import cli, train
 
 RECIPES = sorted((Path(train.__file__).parent / "recipes").glob("*/*.yaml"))
@@ -177,3 +178,227 @@ def test_bad_option_values(capsys, tiny_model_dir, chat_file, tmp_path):
 
 def test_missing_config_file(capsys, tmp_path):
     expect_error(capsys, ["ift", "--config", tmp_path / "none.yaml"], "none.yaml")
+
+
+# ---------------------------------------------------------------- issue 11: every bad input one line, before loading
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the run gets as far as building the trainer (tokenizer, data, model)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(train, "build_trainer", forbidden)
+
+
+@pytest.mark.parametrize("flag,value,steps,expected", [
+    ("learning_rate", "-1", 2, "finite number > 0"),
+    ("learning_rate", "0", 2, "finite number > 0"),
+    ("learning_rate", "inf", 2, "finite number > 0"),
+    ("learning_rate", "nan", 2, "finite number > 0"),
+    ("per_device_train_batch_size", "0", 2, "integer >= 1"),
+    ("gradient_accumulation_steps", "0", 2, "integer >= 1"),
+    ("num_train_epochs", "-1", -1, "number > 0"),
+    ("num_train_epochs", "0", -1, "number > 0"),
+    ("max_steps", "0", 2, "-1"),
+])
+def test_bad_values_refused_before_the_model_loads(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path,
+                                                   flag, value, steps, expected):
+    out = tmp_path / "o"
+    args = base_args(tiny_model_dir, chat_file, out, steps=steps, **{flag: value})
+    expect_error(capsys, ["ift", *args], f"--{flag} {value if flag != 'learning_rate' else float(value)}",
+                 expected)
+    assert not out.exists()
+
+
+def test_wrong_type_is_one_line_naming_flag_and_type(capsys, tiny_model_dir, chat_file, tmp_path):
+    code = run_cli("ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--learning_rate", "abc")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "usage:" not in err
+    line = err.strip().splitlines()[-1]
+    assert "--learning_rate" in line and "invalid float value: 'abc'" in line
+
+
+def test_intuition_k_larger_than_vocabulary(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    args = base_args(tiny_model_dir, chat_file, tmp_path / "o", intuition="rank", intuition_k=vocab + 1)
+    expect_error(capsys, ["ift", *args], f"--intuition_k {vocab + 1}", f"vocabulary ({vocab} tokens)")
+
+
+def test_max_length_beyond_positions_warns_once(caplog, tiny_model_dir, chat_file, tmp_path):
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    with caplog.at_level("WARNING"):
+        assert run_cli("sft", *base_args(tiny_model_dir, chat_file, tmp_path / "o", steps=1,
+                                         max_length=limit + 1)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "--max_length" in r.getMessage()]
+    assert len(warnings) == 1 and f"maximum positions ({limit})" in warnings[0]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["ift", "dpo"])
+def test_non_empty_output_dir_is_refused_and_kept(capsys, no_model_load, tiny_model_dir, chat_file,
+                                                  preference_file, tmp_path, method):
+    out = tmp_path / "earlier"
+    shutil.copytree(tiny_model_dir, out)  # another model, already there
+    (out / "notes.txt").write_text("mine")
+    before = digests(out)
+    data = preference_file if method == "dpo" else chat_file
+    expect_error(capsys, [method, *base_args(tiny_model_dir, data, out)], f"--output_dir {out}", "not empty",
+                 "--overwrite_output_dir true")
+    assert digests(out) == before
+
+
+def test_overwrite_output_dir_true_writes_over(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("sft", *base_args(tiny_model_dir, chat_file, out, steps=1, overwrite_output_dir="true")) == 0
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_output_dir_that_is_a_file(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"data")
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out)], f"--output_dir {out}", "is a file")
+    assert out.read_bytes() == b"data"
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out / "sub")], "--output_dir", "is a file")
+
+
+# Tests run as root, for whom permission bits do not stop a write; /sys (sysfs) refuses to create
+# files even for root, so it stands in for a read-only filesystem (the check writes, it does not
+# trust os.access, which says True there).
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys")
+@pytest.mark.parametrize("where", ["/sys/iftune-out", "/sys/iftune-out/nested"])
+def test_unwritable_output_dir_refused_before_training(capsys, no_model_load, tiny_model_dir, chat_file, where):
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, where)], f"--output_dir {where}",
+                 "cannot write in /sys")
+
+
+def test_resume_from_a_directory_that_is_not_a_checkpoint(capsys, no_model_load, tiny_model_dir, chat_file,
+                                                          tmp_path):
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"),
+                          "--resume_from_checkpoint", tiny_model_dir],
+                 "--resume_from_checkpoint", "not a checkpoint", "trainer_state.json")
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"),
+                          "--resume_from_checkpoint", tmp_path / "none"], "no such checkpoint directory")
+
+
+def test_resume_true_without_a_checkpoint(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out), "--resume_from_checkpoint", "true"],
+                 "--resume_from_checkpoint true", "no checkpoint-N", str(out))
+
+
+def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "o"
+    args = base_args(tiny_model_dir, chat_file, out, steps=2, save_strategy="steps", save_steps=1)
+    assert run_cli("ift", *args) == 0
+    assert run_cli("ift", *base_args(tiny_model_dir, chat_file, out, steps=3, save_strategy="steps", save_steps=1),
+                   "--resume_from_checkpoint", "true") == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+
+def test_output_dir_with_checkpoints_suggests_resuming(capsys, tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "o"
+    (out / "checkpoint-2").mkdir(parents=True)
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out)], "not empty",
+                 "--resume_from_checkpoint true", "--overwrite_output_dir true")
+
+
+def test_truncated_safetensors(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
+    model = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    expect_error(capsys, ["ift", *base_args(model, chat_file, tmp_path / "o")], str(weights), "truncated")
+
+
+def test_config_yaml_syntax_error(capsys, tmp_path):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("learning_rate: 1.0e-5\nlr_scheduler_type: [cosine\nseed: 1\n")
+    expect_error(capsys, ["ift", "--config", bad], f"--config {bad}:", "YAML syntax error")
+
+
+def test_version(capsys):
+    from iftune import __version__
+
+    assert run_cli("--version") == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"iftune {__version__} (python ") and "torch " in out and "trl " in out
+
+
+def test_ift_help_starts_with_a_short_summary(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("ift", "--help")
+    assert exit_.value.code == 0
+    top = "\n".join(capsys.readouterr().out.splitlines()[:30])
+    for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--overwrite_output_dir",
+                 "--max_lambda 0.2", "--gamma 0.95", "--intuition greedy"):
+        assert flag in top, flag
+
+
+@pytest.mark.parametrize("method", ["ift", "sft"])
+@pytest.mark.parametrize("lr,step,what,kept", [
+    # AdamW's first update is lr / (1 - beta1) = 10 lr per weight: 1e31 is finite, the next
+    # forward overflows, so step 2's gradient norm is NaN; 1e39 is already inf at step 1.
+    (1e30, 2, "gradient norm", ["checkpoint-1"]),
+    (1e38, 1, "weights", []),
+])
+def test_non_finite_run_stops_and_saves_no_nan_model(capsys, tiny_model_dir, chat_file, tmp_path, method,
+                                                     lr, step, what, kept):
+    """A run whose weights or gradients stop being finite stops at that step with one line, keeps
+    only the finite checkpoints before it, and saves no final model."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    args = base_args(tiny_model_dir, chat_file, out, steps=4, learning_rate=lr, save_strategy="steps",
+                     save_steps=1, dtype="float32")
+    expect_error(capsys, [method, *args], f"step {step}:", what, "not finite")
+    assert not (out / "model.safetensors").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == kept
+    for checkpoint in checkpoints:
+        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+
+
+def test_non_finite_weights_after_the_last_step_are_not_saved(capsys, tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "o"
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out, steps=1, learning_rate=1e38)],
+                 "step 1:", "weights are not finite", "end of training")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("method", ["ift", "dpo"])
+def test_every_row_dropped_by_max_length(capsys, tiny_model_dir, chat_file, preference_file, tmp_path, method):
+    data = preference_file if method == "dpo" else chat_file
+    expect_error(capsys, [method, *base_args(tiny_model_dir, data, tmp_path / "o", max_length=1)],
+                 "--max_length 1", "every one of the 16 training rows", "no trained token")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_argparse_commands_take_underscores_as_dashes():
+    assert cli.dashed(["--output_dir", "a_b", "--max_new_tokens=3", "-x", "--", "--keep_me"]) == \
+        ["--output-dir", "a_b", "--max-new-tokens=3", "-x", "--", "--keep_me"]
+    from iftune.evaluation.generate import build_parser
+
+    args = build_parser().parse_args(cli.dashed(["--model", "m", "--prompts", "p", "--output", "o",
+                                                 "--max_new_tokens", "3", "--batch_size", "2"]))
+    assert (args.max_new_tokens, args.batch_size) == (3, 2)
+
+
+def test_eval_wrong_type_is_one_line(capsys):
+    pytest.importorskip("lm_eval")
+    assert run_cli("eval", "--model", "m", "--limit", "abc") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--limit" in err[0] and "invalid float value: 'abc'" in err[0], err

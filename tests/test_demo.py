@@ -152,7 +152,7 @@ def test_summary_pairs_by_seed():
 
 
 def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
-    import iftune.demo as demo
+    from iftune import demo
     from iftune.cli import main
 
     monkeypatch.setattr(demo, "BASE_SPEC", TINY)
@@ -167,6 +167,7 @@ def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "ift_gamma0" in printed and "exact match" in printed
+    assert main(["demo", "--seeds", "1", "--steps", "2", "--output_dir", str(out)]) == 0  # a rerun rewrites runs/
 
 
 def test_demo_rejects_bad_options():
@@ -175,3 +176,23 @@ def test_demo_rejects_bad_options():
 
     with pytest.raises(UserError, match="--steps"):
         main(["--steps", "0"])
+
+
+def test_shipped_base_is_the_default_build():
+    from dataclasses import asdict
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((demo_base.SHIPPED_BASE / "iftune-demo-base.json").read_text())
+    assert info["spec"] == asdict(demo_base.BaseSpec()) and info["build_version"] == demo_base.BUILD_VERSION
+    assert demo_base.base_model() == demo_base.SHIPPED_BASE  # no build, whatever the cache holds
+    assert demo_base.base_model(TINY) != demo_base.SHIPPED_BASE
+    model = AutoModelForCausalLM.from_pretrained(demo_base.SHIPPED_BASE)
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+    assert AutoTokenizer.from_pretrained(demo_base.SHIPPED_BASE).chat_template == demo_base.CHAT_TEMPLATE
+
+
+def test_output_dir_takes_both_spellings():
+    from iftune.demo import parse_args
+
+    assert parse_args(["--output_dir", "x"]).output_dir == parse_args(["--output-dir", "x"]).output_dir == "x"

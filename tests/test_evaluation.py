@@ -386,3 +386,46 @@ def test_table3_layout_and_compare(tmp_path, capsys):
     assert rows[2] == lines[2]
     assert rows[3] == "| sft-model | 53.07 | 73.04 | 59.14 | 45.29 | 77.58 | – | – |"
     assert cli.main(["eval", "--compare", str(tmp_path / "missing")]) == 2
+
+
+def test_default_device_and_underscore_output_dir(env, tmp_path):
+    """Without --device, eval runs where torch can: on a machine without CUDA (as CI's), the old
+    default `cuda` failed with "Torch not compiled with CUDA enabled". --output_dir and
+    --include_path are accepted as well as --output-dir and --include-path."""
+    out = tmp_path / "under"
+    args = ["eval", "--model", str(env["right"]), "--tasks", "tiny_mc", "--include_path", str(env["tasks"]),
+            "--output_dir", str(out), "--limit", "2"]
+    assert cli.main(args) == 0
+    assert scores(out) == {"tiny_mc": 1.0}
+
+
+def test_mirror_links_are_private_and_verified(tmp_path):
+    """A link planted in the mirror (pointing at someone else's data) is replaced by one to the
+    user's copy; a mirror folder others can write in is refused."""
+    copy = tmp_path / "data" / "openai" / "gsm8k"
+    (copy / "main").mkdir(parents=True)
+    write_jsonl(copy / "main" / "test.jsonl", [{"question": "q1", "answer": "1"}])
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    write_jsonl(planted / "test.jsonl", [{"question": "evil", "answer": "0"}])
+    need = data_mod.HubData("openai/gsm8k", {"main"}, ["gsm8k"])
+    mirrors = tmp_path / "mirrors"
+    mirror = data_mod.loadable_root(copy.resolve(), need, mirrors)
+    (mirror / "main").unlink()
+    (mirror / "main").symlink_to(planted, target_is_directory=True)
+    assert data_mod.loadable_root(copy.resolve(), need, mirrors) == mirror
+    assert (mirror / "main").resolve() == (copy / "main").resolve()
+    mirrors.chmod(0o777)
+    with pytest.raises(data_mod.UserError, match="others"):
+        data_mod.loadable_root(copy.resolve(), need, mirrors)
+
+
+def test_mirrors_default_to_the_users_cache():
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    import importlib
+
+    fresh = importlib.reload(data_mod)
+    try:
+        assert fresh.MIRRORS == home_cache / "iftune" / "data-mirrors"
+    finally:
+        importlib.reload(data_mod)

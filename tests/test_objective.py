@@ -627,3 +627,9 @@ def test_chunked_linear_head_backward_is_exact(bias):
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=0)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_unknown_keyword_is_refused_not_forwarded(model):
+    ids, labels = batch()
+    with pytest.raises(TypeError, match="chunk_size"):
+        ift_loss(model, ids, labels, chunk_size=8)

@@ -7,23 +7,30 @@ it is printed as one line (no traceback) and the command exits with status 2.
 from __future__ import annotations
 
 import importlib
+import platform
 import sys
+from importlib import metadata
 
+from iftune.arguments import METHOD_HELP
 from iftune.errors import UserError
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "ift": ("iftune.train", "main_ift", "train with Intuitive Fine-Tuning (IFTTrainer)"),
-    "sft": ("iftune.train", "main_sft", "train with TRL's SFTTrainer"),
-    "dpo": ("iftune.train", "main_dpo", "train with TRL's DPOTrainer"),
-    "orpo": ("iftune.train", "main_orpo", "train with TRL's ORPO trainer"),
+    "ift": ("iftune.train", "main_ift", METHOD_HELP["ift"]),
+    "sft": ("iftune.train", "main_sft", METHOD_HELP["sft"]),
+    "dpo": ("iftune.train", "main_dpo", METHOD_HELP["dpo"]),
+    "orpo": ("iftune.train", "main_orpo", METHOD_HELP["orpo"]),
     "recipes": ("iftune.train", "recipes_main", "list the shipped recipes, or print one's full path"),
     "demo": ("iftune.demo", "main", "offline IFT vs SFT study on a tiny model (the default)"),
     "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
+    "study": ("iftune.study", "main", "does IFT help? every method, several bases and seeds, 95% intervals"),
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
     "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
     "bench": ("iftune.benchmarks.command", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
 }
+# Commands parsed by TRL's parser, which spells flags with underscores (and accepts dashes);
+# the others use argparse with dashes, and are given underscores as dashes.
+TRAINING = ("ift", "sft", "dpo", "orpo")
 
 
 def usage() -> str:
@@ -33,10 +40,39 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def version() -> str:
+    """`iftune X (python, torch, transformers, trl versions)`: what a bug report needs."""
+    from iftune import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "trl", "peft"))
+    return f"iftune {__version__} (python {platform.python_version()}, {deps})"
+
+
+def dashed(argv: list[str]) -> list[str]:
+    """`--output_dir x` as `--output-dir x` (up to a `--`), so both spellings work everywhere."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            flag, sep, value = arg.partition("=")
+            out[i] = flag.replace("_", "-") + sep + value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version", "version"):
+        print(version())
         return 0
     if not argv:
         name = "demo"
@@ -49,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if name not in TRAINING:
+        argv = dashed(argv)
     try:
         entry = getattr(importlib.import_module(module), func)
         return int(entry(argv) or 0)

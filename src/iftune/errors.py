@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(ValueError):
@@ -21,3 +23,11 @@ def check_unit(name: str, value: float) -> None:
     v = float(value)
     if not (0.0 <= v <= 1.0) or math.isnan(v):
         raise UserError(f"{name}={value!r} is out of range; expected a number in [0, 1]")
+
+
+def usage_error(method: str) -> Callable[[str], NoReturn]:
+    """A replacement for `ArgumentParser.error`: one line naming the flag and what it expected
+    (`argument --learning_rate: invalid float value: 'abc'`) instead of the 160-line usage."""
+    def error(message: str) -> NoReturn:
+        raise UserError(f"{message} (`iftune {method} --help` lists the options)")
+    return error

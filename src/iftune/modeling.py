@@ -17,6 +17,8 @@ from torch.profiler import record_function
 from iftune.lm_head import logit_transform, token_logprobs
 
 IGNORE_INDEX = -100
+# Forward keywords a padding-free collator adds (flash-attention varlen): passed on as they are.
+FORWARD_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +153,7 @@ def accepts(module: nn.Module, name: str) -> bool:
 
 
 __all__ = [
+    "FORWARD_KEYS",
     "IGNORE_INDEX",
     "hidden_states",
     "intuition_mode",

@@ -24,6 +24,7 @@ from torch.profiler import record_function
 from iftune.errors import UserError, check_choice, check_unit
 from iftune.lm_head import intuition_from_hidden, logit_transform, vocab_size
 from iftune.modeling import (
+    FORWARD_KEYS,
     IGNORE_INDEX,
     hidden_states,
     intuition_mode,
@@ -276,8 +277,8 @@ def ift_loss(
             -> (B, T-1)` log p(labels[:, t+1]), e.g. TRL's fused LM head.
         with_sft_loss: compute `sft_loss` (a log-sum-exp over the vocabulary in the intuition
             pass); False leaves it NaN.
-        forward_kwargs: passed to both forwards as they are (e.g. a padding-free collator's
-            `cu_seq_lens_q`, `max_length_q`, `seq_idx`).
+        forward_kwargs: a padding-free collator's `cu_seq_lens_*`, `max_length_*`, `seq_idx`
+            (`modeling.FORWARD_KEYS`), passed to both forwards as they are; other names are refused.
 
     Returns:
         `IFTOutput`; `loss` is a () tensor with gradient, in float32 or wider.
@@ -286,6 +287,9 @@ def ift_loss(
         check_unit("lam", lam)
     check_options(gamma, propagation, side, norm, intuition, intuition_k, intuition_temperature,
                   intuition_embeddings)
+    unknown = sorted(set(forward_kwargs) - set(FORWARD_KEYS))
+    if unknown:  # a misspelled option would otherwise reach the model and be ignored
+        raise TypeError(f"ift_loss got unexpected keyword arguments {unknown}; forward keywords are {FORWARD_KEYS}")
     if position_ids is not None:
         # Hugging Face takes (1, T) position ids for a whole batch; the per-row logic needs (B, T).
         position_ids = position_ids.expand_as(input_ids)

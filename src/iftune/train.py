@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iftune.errors import UserError
+from iftune.checks import check_run
+from iftune.arguments import check_config, describe
+from iftune.errors import UserError, usage_error
 
 logger = logging.getLogger("iftune")
 
@@ -41,6 +43,8 @@ class DataArguments:
     dataset_test_split: list[str] = field(
         default_factory=lambda: ["test"],
         metadata={"help": "Split of eval_dataset_name to evaluate on: one for all, or one per dataset."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its files may be replaced)."})
 
 
 @dataclass
@@ -85,6 +89,7 @@ def make_parser(method: str):
     if method in ("sft", "ift"):
         defaults["assistant_only_loss"] = True  # turned off for data without `messages`
     parser.set_defaults(**defaults)
+    describe(parser, method)
     return parser
 
 
@@ -115,6 +120,7 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
     `iftune <method>` parses them; a bad value raises `UserError`. `--config` also takes a
     shipped recipe's name; a relative `chat_template_path` in it is read beside the YAML."""
     parser = make_parser(method)
+    parser.error = usage_error(method)  # argparse would print the whole 160-line usage, then exit
     argv = list(argv)
     config = None
     if "--config" in argv:
@@ -123,6 +129,7 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
             raise UserError("--config: expected a YAML file or a shipped recipe's name")
         config = recipe_path(argv[at])
         argv[at] = str(config)
+    check_config(argv)
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except ValueError as err:
@@ -199,7 +206,11 @@ def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -
 
 def warn_pure_bf16(model_args, training_args) -> None:
     """bf16 weights updated in place (one GPU, DDP) lose updates below bf16's resolution."""
-    sharded = bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
+    from accelerate.utils import parse_flag_from_env
+
+    # FSDP2 and ZeRO-3 keep fp32 master weights, chosen by flags or by accelerate's config (env).
+    sharded = (bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
+               or parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
     if model_args.dtype == "bfloat16" and not sharded and not model_args.use_peft and training_args.learning_rate < 1e-4:
         logger.warning("bf16 weights without fp32 master weights: at learning_rate=%g most of each update is below "
                        "bf16's resolution (2^-8 of the weight) and rounds away; use --dtype float32 with --bf16 true, "
@@ -253,12 +264,12 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
 def report_dropped(trainer, n_rows: int, method: str, training_args) -> None:
     """Log the rows TRL dropped for having no trained token left after truncation; refuse a run
     that would train on nothing."""
-    if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
-        return
     kept = len(trainer.train_dataset)
-    if kept == 0:
+    if kept == 0:  # DPO and ORPO drop such rows too
         raise UserError(f"--max_length {training_args.max_length}: every one of the {n_rows} training rows has no "
                         f"trained token left after truncation; raise --max_length")
+    if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
+        return
     if kept < n_rows:
         logger.warning("training data: dropped %d of %d rows that have no trained token after truncation "
                        "(max_length=%s)", n_rows - kept, n_rows, training_args.max_length)
@@ -271,11 +282,12 @@ def train(method: str, script_args: DataArguments, training_args, model_args):
     The library call behind `iftune <method>`: it sets up no logging and changes no
     environment variable; bad input raises `UserError`.
     """
-    resume = training_args.resume_from_checkpoint
-    if resume and resume not in ("true", "True") and not Path(resume).is_dir():
-        raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
+    from iftune.callbacks import FiniteGuard
+
+    checkpoint = check_run(method, script_args, training_args, model_args)
     trainer = build_trainer(method, script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    trainer.add_callback(FiniteGuard())  # a NaN run stops with one line, and saves nothing
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:

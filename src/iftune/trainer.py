@@ -16,7 +16,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from iftune.errors import UserError, check_choice, check_unit
-from iftune.modeling import sequence_count
+from iftune.modeling import FORWARD_KEYS, sequence_count
 from iftune.objective import check_options, ift_loss
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class IFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         lam = self.args.lambda_at(self.state.global_step, disturb=mode == "train")
         args = self.args
-        extra = {k: v for k, v in inputs.items() if k in _FORWARD_KEYS}  # padding-free collator's keys
+        extra = {k: v for k, v in inputs.items() if k in FORWARD_KEYS}  # padding-free collator's keys
         # The forward runs under accelerate's autocast (it wraps model.forward); the embedding
         # lookups and head calls made outside it run under the same autocast here.
         with self.accelerator.autocast():
@@ -269,8 +269,5 @@ def _first_row(dataset) -> dict | None:
     except (StopIteration, TypeError):
         return None
 
-
-# Forward keywords a padding-free collator adds; both passes take them as they are.
-_FORWARD_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 __all__ = ["IFTConfig", "IFTTrainer", "default_bf16"]

@@ -10,18 +10,24 @@ over seeds as a table, `demo.json` and `demo.png`. docs/demo.md explains the cho
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iftune.demo.base import BaseSpec, base_dir, build_base, single_thread
-from iftune.demo.data import DATA_SEED, TASK_MAX_STEPS, TASK_MIN_STEPS, make_splits, write_jsonl
-from iftune.demo.score import score as score_answers
+from iftune.console import quiet
+from iftune.demo.base import SHIPPED_BASE, BaseSpec, base_dir, base_model, single_thread
+from iftune.demo.data import (
+    DATA_SEED,
+    TASK_MAX_STEPS,
+    TASK_MIN_STEPS,
+    make_splits,
+    write_jsonl,
+)
+from iftune.demo.evaluate import evaluate
 from iftune.errors import UserError
+from iftune.stats import mean_std
 
 # Fixed before any IFT/SFT comparison was run; docs/demo.md says why.
 DEFAULT_STEPS = 150
@@ -29,9 +35,7 @@ DEFAULT_SEEDS = 3
 LEARNING_RATE = 3e-3
 BATCH_SIZE = 16
 N_TRAIN, N_HELDOUT = 2000, 200
-MAX_NEW_TOKENS = 48  # the longest answer (6 steps) is 39 tokens with its end token
 BASE_SPEC = BaseSpec()
-EVAL_BATCH = 100
 
 # label -> (iftune command, extra flags); SFT first: the paired differences are against it.
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -58,25 +62,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="fine-tuning seeds per method")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per fine-tuning run")
-    parser.add_argument("--output-dir", default="outputs/demo", help="where demo.json, demo.png and the runs go")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/demo",
+                        help="where demo.json, demo.png and the runs go (runs/ is rewritten)")
+    parser.add_argument("--build-base", action="store_true",
+                        help="pre-train the base model with the builder (cached) instead of using the copy "
+                             "shipped with iftune; its weights, and so the results, depend on the machine")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise UserError(f"--seeds={args.seeds}: expected an integer >= 1")
     if args.steps < 1:
         raise UserError(f"--steps={args.steps}: expected an integer >= 1")
     return args
-
-
-@contextlib.contextmanager
-def quiet():
-    """Hold back what the trainer prints (logs every step); show it only if the run fails."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield
-    except BaseException:
-        sys.stderr.write(buffer.getvalue()[-4000:])
-        raise
 
 
 def fine_tune(command: str, base: Path, train_file: Path, out: Path, steps: int, seed: int,
@@ -104,43 +100,6 @@ def curves(history: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
     return loss, nll
 
 
-def generate(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
-    """Greedy answers for chat prompts, in batches, left-padded."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    answers: list[str] = []
-    for i in range(0, len(prompts), EVAL_BATCH):
-        enc = tokenizer.apply_chat_template(prompts[i:i + EVAL_BATCH], add_generation_prompt=True,
-                                            padding=True, return_tensors="pt", return_dict=True)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
-
-
-def evaluate(model_dir: Path, heldout: list[dict]) -> tuple:
-    """(Score, first few (prompt, generated, reference) samples) on the held-out split."""
-    prompts = [ex["messages"][:1] for ex in heldout]
-    references = [ex["messages"][1]["content"] for ex in heldout]
-    generated = generate(model_dir, prompts)
-    samples = [{"prompt": p[0]["content"], "generated": g, "reference": r}
-               for p, g, r in list(zip(prompts, generated, references))[:3]]
-    return score_answers(generated, references), samples
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for a single value)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def summarize(runs: list[RunResult]) -> dict:
     """Per method mean/std over seeds, and per-seed paired differences against SFT."""
     summary: dict = {}
@@ -166,7 +125,7 @@ def format_table(summary: dict, base_score=None) -> str:
 
     lines = [f"{'method':<12} {'exact match %':>15} {'step accuracy %':>16} {'EM - SFT':>14} {'step - SFT':>14}"]
     if base_score is not None:
-        lines.append(f"{'base':<12} {100 * base_score.exact_match:>15.1f} {100 * base_score.step_accuracy:>16.1f}")
+        lines.append(f"{'base':<12} {100 * base_score['exact_match']:>15.1f} {100 * base_score['step_accuracy']:>16.1f}")
     for method, row in summary.items():
         diff = [cell(row[k]) if k in row else "" for k in ("exact_match_minus_sft", "step_accuracy_minus_sft")]
         lines.append(f"{method:<12} {cell(row['exact_match']):>15} {cell(row['step_accuracy']):>16} "
@@ -216,11 +175,12 @@ def prepare_data(out_dir: Path) -> tuple[Path, list[dict]]:
     return train_file, heldout
 
 
-def get_base(tqdm) -> Path:
-    """The cached base model, pre-training it first (with a progress bar) when it is missing."""
+def get_base(tqdm, build: bool) -> Path:
+    """The base model: the copy shipped with iftune, or (`build`) the cached build, pre-trained
+    first (with a progress bar) when it is missing."""
     spec = BASE_SPEC
-    if (base_dir(spec) / "config.json").exists():
-        return base_dir(spec)
+    if not build or (base_dir(spec) / "config.json").exists():
+        return base_model(spec, build=build)
     with tqdm(total=spec.pretrain_steps, desc="pre-training the base model (first run only)",
               unit="step", mininterval=0.5) as bar:
         def progress(loss: float) -> None:
@@ -228,7 +188,7 @@ def get_base(tqdm) -> Path:
             bar.update()
 
         with quiet():
-            return build_base(spec, progress=progress)
+            return base_model(spec, build=True, progress=progress)
 
 
 def main(argv: list[str]) -> int:
@@ -246,9 +206,9 @@ def run_demo(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = get_base(tqdm)
+    base = get_base(tqdm, args.build_base)
     train_file, heldout = prepare_data(out_dir)
-    base_score, _ = evaluate(base, heldout)
+    base_score = evaluate(base, heldout)
     runs: list[RunResult] = []
     jobs = [(seed, method) for seed in range(args.seeds) for method in METHODS]
     with tqdm(jobs, desc="fine-tuning and evaluating", unit="run") as bar:
@@ -272,12 +232,14 @@ def run_one(method: str, seed: int, steps: int, base: Path, train_file: Path, he
             out_dir: Path) -> RunResult:
     command, extra = METHODS[method]
     run_dir = out_dir / "runs" / f"{method}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own model from an earlier run: rebuilt
     t0 = time.perf_counter()
     history = fine_tune(command, base, train_file, run_dir, steps, seed, extra)
     train_seconds = time.perf_counter() - t0
-    result, samples = evaluate(run_dir, heldout)
+    result = evaluate(run_dir, heldout)
     loss, nll = curves(history)
-    return RunResult(method, seed, result.exact_match, result.step_accuracy, train_seconds, loss, nll, samples)
+    return RunResult(method, seed, result["exact_match"], result["step_accuracy"], train_seconds, loss, nll,
+                     result["samples"])
 
 
 def write_report(out_dir: Path, args, base: Path, base_score, runs: list[RunResult], summary: dict,
@@ -287,8 +249,8 @@ def write_report(out_dir: Path, args, base: Path, base_score, runs: list[RunResu
                      "per_device_train_batch_size": BATCH_SIZE, "n_train": N_TRAIN, "n_heldout": N_HELDOUT,
                      "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS], "data_seed": DATA_SEED,
                      "methods": {m: ["iftune", c, *e] for m, (c, e) in METHODS.items()},
-                     "base_model": str(base)},
-        "base": asdict(base_score),
+                     "base_model": "shipped" if base == SHIPPED_BASE else str(base)},
+        "base": {k: base_score[k] for k in ("exact_match", "step_accuracy", "heldout_nll")},
         "summary": summary,
         "runs": [asdict(r) for r in runs],
         "seconds": round(seconds, 1),

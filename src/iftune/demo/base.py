@@ -6,6 +6,11 @@ both are saved in the standard Hugging Face layout, so `AutoModelForCausalLM.fro
 and `AutoTokenizer.from_pretrained` load the directory like any hub checkpoint. The result is
 cached under `$IFTUNE_CACHE` (else `$XDG_CACHE_HOME/iftune`, else `~/.cache/iftune`) in a folder
 named by a hash of everything that determines it, so later runs skip the work.
+
+The default build (`BaseSpec()`) also ships with iftune (`SHIPPED_BASE`, about 2 MB): float
+rounding differs between machines (CPU kernels, thread counts), so two machines that build it
+get different weights, and fine-tuning results that depend on them. Starting from the shipped
+copy, every machine starts from the same weights; `base_model(build=True)` rebuilds it instead.
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ def single_thread():
     """Run torch on one CPU thread, then restore the count.
 
     A model this small gains little from more threads on an idle machine and loses a lot when
-    the cores are shared (a 2-thread run was 2-5x slower than a 1-thread one beside other jobs);
-    one thread also keeps the build's float results the same from machine to machine.
+    the cores are shared (a 2-thread run was 2-5x slower than a 1-thread one beside other jobs).
+    It does not make float results the same on every machine (CPU kernels differ): that is why
+    the default base model ships with iftune.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -93,6 +99,17 @@ def cache_root() -> Path:
 
 def base_dir(spec: BaseSpec, root: Path | None = None) -> Path:
     return (root or cache_root()) / f"demo-base-{spec.key()}"
+
+
+SHIPPED_BASE = Path(__file__).with_name("base_model")  # BaseSpec() built once, see docs/demo.md
+
+
+def base_model(spec: BaseSpec = BaseSpec(), build: bool = False, root: Path | None = None, progress=None) -> Path:
+    """Returns the folder of the base model `spec`: the copy shipped with iftune for the default
+    spec (unless `build`), else the cached build, built first when missing (see `build_base`)."""
+    if spec == BaseSpec() and not build and (SHIPPED_BASE / "config.json").exists():
+        return SHIPPED_BASE
+    return build_base(spec, root, progress)
 
 
 def train_tokenizer(corpus: list[str]):

@@ -99,11 +99,19 @@ def make_splits(n_train: int, n_heldout: int, seed: int = DATA_SEED) -> tuple[li
     return examples[:n_train], examples[n_train:]
 
 
+def parse_prompt(prompt: str) -> Problem:
+    """The problem a prompt (`solve 3 a +2 b *3`) states; the inverse of `Problem.prompt`."""
+    words = prompt.split()
+    if len(words) < 4 or words[0] != "solve" or len(words) % 2:
+        raise ValueError(f"not a problem prompt: {prompt!r}")
+    ops = tuple((w[0], int(w[1:])) for w in words[3::2])
+    return Problem(int(words[1]), ops, LABELS.index(words[2]))
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return path
 
 

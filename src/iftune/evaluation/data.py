@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from iftune.errors import UserError
 PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow", "pandas"}
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow")
 # Mirrors get a stable path per local copy, so `datasets` reuses the arrow files it prepared.
-MIRRORS = Path(tempfile.gettempdir()) / "iftune-data-mirrors"
+# They live in the user's own cache: in a shared temp directory another user could plant links.
+MIRRORS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iftune" / "data-mirrors"
 # "test-00000-of-00001.parquet" -> "test"; "validation.jsonl" -> "validation"
 SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?\.(parquet|jsonl?|csv|arrow)$")
 
@@ -158,14 +158,12 @@ def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Pat
     else:
         folders = {"default": root / "data" if (root / "data").is_dir() else root}
     key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
-    mirror = (mirrors or MIRRORS) / key / root.name
+    mirror = private_dir(mirrors or MIRRORS) / key / root.name
     mirror.mkdir(parents=True, exist_ok=True)
     lines = ["---", "configs:"]
     for config, folder in folders.items():
         splits = _split_files(folder, data)
-        link = mirror / config
-        if not link.is_symlink():
-            link.symlink_to(folder, target_is_directory=True)
+        link_to(mirror / config, folder)
         lines.append(f"- config_name: {config}\n  data_files:")
         for split, names in sorted(splits.items()):
             lines.append(f"  - split: {split}\n    path:")
@@ -175,6 +173,30 @@ def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Pat
     staging.write_text("\n".join(lines + ["---", ""]))
     staging.replace(mirror / "README.md")
     return mirror
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created if needed, checked to be a directory of this user that no one else can
+    write in (otherwise someone could replace the links and have their data scored)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if path.is_symlink() or not path.is_dir() or (hasattr(os, "getuid") and info.st_uid != os.getuid()) \
+            or info.st_mode & 0o022:
+        raise UserError(f"{path}: the data mirrors' folder must be a directory of your own that others "
+                        f"cannot write in; remove it or set XDG_CACHE_HOME")
+    return path
+
+
+def link_to(link: Path, target: Path) -> None:
+    """Make `link` point to `target`, replacing a link that points anywhere else."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.exists() and not link.is_symlink():
+        raise UserError(f"{link}: expected a link to {target}, found a real file or folder; remove it")
+    staging = link.with_name(f".{link.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(target, target_is_directory=True)
+    staging.replace(link)  # atomic: a concurrent run sees the old link or the new one
 
 
 def _split_files(folder: Path, data: HubData) -> dict[str, list[str]]:

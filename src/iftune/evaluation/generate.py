@@ -96,26 +96,31 @@ def chat_prompt(tokenizer, instruction: str, system: str | None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generate(tokenizer, model, prompts: list[str], args: argparse.Namespace) -> list[str]:
-    """Batched generation; prompts are sorted by length so that batches pad little."""
+def generate(tokenizer, model, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 1234, progress: bool = True) -> list[str]:
+    """Returns the stripped answer to each prompt (already chat-formatted text), in prompt order.
+
+    Batched with the tokenizer's padding (left padding for decoder-only models); prompts are
+    sorted by length so that batches pad little. Greedy when `temperature` is 0. The one
+    generation loop of iftune: `iftune generate`, the demo and the study use it.
+    """
     import torch
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    sample = args.temperature > 0
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                   pad_token_id=tokenizer.pad_token_id)
+    sample = temperature > 0
+    options = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": tokenizer.pad_token_id}
     if sample:
-        options.update(temperature=args.temperature, top_p=args.top_p)
-    torch.manual_seed(args.seed)
-    with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start:start + args.batch_size]
+        options.update(temperature=temperature, top_p=top_p)
+    torch.manual_seed(seed)
+    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
             # the chat template already holds any BOS token
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
-            with torch.no_grad():
+            with torch.inference_mode():
                 out = model.generate(**enc, **options)
             new = out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -131,7 +136,9 @@ def generate_main(argv: list[str]) -> int:
     records = load_prompts(Path(args.prompts))
     tokenizer, model = load_model(args.model, args.adapter, args.device)
     prompts = [chat_prompt(tokenizer, r["instruction"], args.system) for r in records]
-    outputs = generate(tokenizer, model, prompts, args)
+    outputs = generate(tokenizer, model, prompts, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed)
     name = args.generator or Path(args.model.rstrip("/")).name + (
         f"+{Path(args.adapter.rstrip('/')).name}" if args.adapter else "")
     rows = [{"instruction": r["instruction"], "output": o, "generator": name,

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from iftune.errors import UserError
+from iftune.errors import UserError, usage_error
 from iftune.evaluation import data as data_mod
 from iftune.evaluation.report import LEADERBOARD, compare, markdown_table, summarize
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "for quick checks only")
     p.add_argument("--num-fewshot", type=int,
                    help="override every task's shot count (tasks fixed at 0 shots stay 0)")
-    p.add_argument("--output-dir", help="where results go (default: eval/<model name>)")
+    p.add_argument("--output-dir", help="where results go (default: eval/<model name>); "
+                                        "--output_dir works too")
     p.add_argument("--no-chat-template", action="store_true",
                    help="plain-text prompts; by default the chat template is applied and "
                         "few-shot examples are given as a multi-turn conversation")
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of `iftune eval`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.error = usage_error("eval")
+    args = parser.parse_args(argv)
     if args.compare:
         return run_compare(args.compare, args.output_dir)
     if not args.model:
@@ -212,7 +215,7 @@ def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str,
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     try:
         lm = HFLM(pretrained=args.model, peft=args.adapter, tokenizer=tokenizer_src,
-                  batch_size=batch, device=args.device or "cuda", dtype=args.dtype)
+                  batch_size=batch, device=args.device or default_device(), dtype=args.dtype)
     except OSError as err:
         raise UserError(f"--model/--adapter: cannot load {args.model}"
                         f"{' + ' + args.adapter if args.adapter else ''} "
@@ -227,6 +230,14 @@ def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str,
         random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
         fewshot_random_seed=args.seed, evaluation_tracker=tracker)
     return results
+
+
+def default_device() -> str:
+    """`cuda` when torch sees a GPU, else `cpu` (lm-eval's own default is `cuda`, which fails
+    on a machine without one)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_tracker(out: Path):

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=d.tau, help="temperature of pi* = softmax(Q*/tau)")
     p.add_argument("--eps", type=float, default=d.eps, help="uniform share mixed into pi*")
     p.add_argument("--base-steps", type=int, default=d.base_steps, help="SFT steps that make the subopt start")
-    p.add_argument("--output-dir", default=os.path.join("outputs", "frozenlake"))
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=os.path.join("outputs", "frozenlake"))
     p.add_argument("--sweep", action="store_true", help="run the robustness grid instead of one study")
     return p
 

@@ -18,6 +18,7 @@ from iftune.frozenlake import policy
 from iftune.frozenlake.env import (DEFAULT_MAP, Lake, Roller, build_lake, parse_map, target_policy,
                                    value_iteration)
 from iftune.frozenlake.methods import METHODS, Hyper, Task, loss_fn, reference_terms, route_logps
+from iftune.stats import paired as paired_stats
 
 BASES = ("init", "subopt", "uniform")
 OPTIMIZERS = ("sgd", "adam")
@@ -153,13 +154,15 @@ def train_method(world: World, start: policy.Params, method: str, s: Settings,
 
 def paired(a: np.ndarray, b: np.ndarray, metric: str) -> dict:
     """Per-seed comparison of a with b: mean difference (a - b), the share of seeds where a is
-    better (ties count half), and the paired t statistic (None when undefined)."""
-    d = a - b
-    better = -d if metric in LOWER_IS_BETTER else d
-    win = float(np.mean((better > 0) + 0.5 * (better == 0)))
-    sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
-    t = float(np.mean(d) / (sd / math.sqrt(len(d)))) if sd > 0 else None
-    return {"mean_diff": float(np.mean(d)), "win_rate": win, "t": t}
+    better (ties count half), and the paired t statistic (None when undefined); see iftune.stats."""
+    p = paired_stats(a.tolist(), b.tolist(), lower_is_better=metric in LOWER_IS_BETTER)
+    return {"mean_diff": p["mean_diff"], "win_rate": p["win_rate"], "t": p["t"]}
+
+
+def sample_std(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """The sample std (n - 1) of iftune.stats, along `axis`; 0 for a single value."""
+    n = values.shape[axis] if axis is not None else values.size
+    return values.std(axis=axis, ddof=1) if n > 1 else values.std(axis=axis)
 
 
 def pairs(methods: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -171,10 +174,10 @@ def summarize(curves: dict[str, dict[str, np.ndarray]], eval_steps: list[int]) -
     """`methods.<name>.<metric>` and `paired.<a>_vs_<b>.<metric>` of results.json."""
     methods = {}
     for name, c in curves.items():
-        methods[name] = {m: {"mean": float(v[-1].mean()), "std": float(v[-1].std()),
+        methods[name] = {m: {"mean": float(v[-1].mean()), "std": float(sample_std(v[-1])),
                              "per_seed": v[-1].tolist(),
                              "per_step": {"step": list(eval_steps), "mean": v.mean(1).tolist(),
-                                          "std": v.std(1).tolist()}}
+                                          "std": sample_std(v, 1).tolist()}}
                          for m, v in c.items()}
     table = {f"{a}_vs_{b}": {m: paired(curves[a][m][-1], curves[b][m][-1], m) for m in METRICS}
              for a, b in pairs(tuple(curves))}
@@ -237,7 +240,7 @@ def plot(results: dict, path: str) -> None:
     for ax, (metric, title) in zip(axes.flat, panels):
         for name, c in curves.items():
             v = c[metric]
-            mean, sem = v.mean(1), v.std(1) / math.sqrt(v.shape[1])
+            mean, sem = v.mean(1), sample_std(v, 1) / math.sqrt(v.shape[1])
             ax.plot(steps, mean, label=name)
             ax.fill_between(steps, mean - sem, mean + sem, alpha=0.2)
         ax.set_title(title, fontsize=10)

@@ -1,0 +1,92 @@
+"""iftune.checks and iftune.callbacks as functions: truncated weight files, and the finite-weights
+check agreeing across processes (so that every rank stops at the same step)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from iftune.callbacks import all_finite, finite_norm
+from iftune.checks import safetensors_problem
+
+
+def test_safetensors_problem(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(64), "b": torch.zeros(3, 5)}, str(path))
+    whole = path.read_bytes()
+    assert safetensors_problem(path) is None
+    header = 8 + int.from_bytes(whole[:8], "little")
+    data = 64 * 4 + 15 * 4
+    assert len(whole) == header + data
+    path.write_bytes(whole[:-1])
+    assert safetensors_problem(path) == f"truncated ({header + data - 1} of {header + data} bytes)"
+    path.write_bytes(whole[:20])
+    assert safetensors_problem(path).startswith("truncated (header of")
+    path.write_bytes(whole[:5])
+    assert safetensors_problem(path) == "truncated (5 bytes, no header)"
+    path.write_bytes(len(b"{nope").to_bytes(8, "little") + b"{nope")
+    assert safetensors_problem(path) == "not a safetensors file (unreadable header)"
+    path.write_bytes(len(json.dumps({}).encode()).to_bytes(8, "little") + b"{}")
+    assert safetensors_problem(path) is None  # no tensors: nothing is missing
+
+
+def test_finite_checks_one_process():
+    big = torch.full((4,), 1e30)  # finite, but its squares overflow float32
+    assert all_finite([big, torch.zeros(0)]) and not finite_norm([big])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("-inf")])])
+    assert all_finite([]) and finite_norm([])
+
+
+def _rank(rank: int, port: int, data: str, cache: str, results: str) -> None:
+    """One of two CPU processes set up as `accelerate launch` / torchrun would (accelerate's
+    state first, as TrainingArguments makes it, then the data, then a step's NaN check)."""
+    import logging
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    import datasets
+    from accelerate import PartialState
+
+    from iftune.data import load_training_data
+
+    state = PartialState(cpu=True)
+    datasets.config.HF_DATASETS_CACHE = cache
+    datasets.logging.set_verbosity_info()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    datasets.logging.get_logger().addHandler(handler)
+    rows = load_training_data([data], "sft")
+    mine = torch.tensor([float("nan")]) if rank == 1 else torch.ones(2)
+    out = {"processes": state.num_processes, "rows": len(rows),
+           "cached": any("Loading cached processed dataset" in m for m in seen),
+           "finite": [all_finite([mine]), all_finite([torch.ones(2)]), finite_norm([mine])]}
+    with open(f"{results}.{rank}", "w") as fh:
+        json.dump(out, fh)
+    state.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_data_and_stop_together(tmp_path):
+    """Rank 0 converts the data while rank 1 waits, then rank 1 reads rank 0's cache (issue 10
+    item 9); a NaN in one rank's shard (FSDP2 / ZeRO-3 keep different shards) stops both."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from conftest import conversations, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(32))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = str(tmp_path / "out")
+    mp.spawn(_rank, args=(port, str(data), str(tmp_path / "cache"), results), nprocs=2, join=True)
+    got = [json.loads(open(f"{results}.{rank}").read()) for rank in (0, 1)]
+    assert [g["processes"] for g in got] == [2, 2] and [g["rows"] for g in got] == [32, 32]
+    assert [g["cached"] for g in got] == [False, True]
+    assert [g["finite"] for g in got] == [[False, True, False]] * 2
