@@ -29,12 +29,12 @@ def perfect_batch(model: torch.nn.Module, vocab: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(FIRST_WORD, vocab, (ROWS, LENGTH), generator=g)
     for _ in range(LENGTH):  # causal: each round fixes at least one more position
-        greedy = model(input_ids=ids).logits[:, PROMPT - 1:-1].argmax(-1)
+        greedy = model(input_ids=ids).logits[:, PROMPT - 1 : -1].argmax(-1)
         new = torch.cat([ids[:, :PROMPT], greedy], dim=1)
         if torch.equal(new, ids):
             break
         ids = new
-    assert torch.equal(model(input_ids=ids).logits[:, PROMPT - 1:-1].argmax(-1), ids[:, PROMPT:])
+    assert torch.equal(model(input_ids=ids).logits[:, PROMPT - 1 : -1].argmax(-1), ids[:, PROMPT:])
     labels = ids.clone()
     labels[:, :PROMPT] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}

@@ -126,7 +126,7 @@ def test_path_sft_is_per_sequence_cross_entropy(tmp_path):
     logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
     expected = ((-(logp * mask)).sum(-1) / mask.sum(-1)).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-10)
-    # And the spec's equivalence: IFT with lam = 0 and gamma = 0 is this SFT.
+    # And the specification's equivalence (docs/objective.md): IFT with lam = 0 and gamma = 0 is this SFT.
     same = ift_loss(model, inputs["input_ids"], inputs["labels"], inputs["attention_mask"], lam=0.0, gamma=0.0)
     assert loss.item() == pytest.approx(same.loss.item(), abs=1e-10)
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
 from conftest import (
     CHAT_TEMPLATE,
     build_model,
@@ -21,9 +24,6 @@ from conftest import (
     conversations,
     write_jsonl,
 )
-from datasets import Dataset
-from safetensors.torch import load_file
-
 from iftune import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,10 @@ def save_bf16_model(path: Path, chat_template: str | None) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bf16-models")
-    return {"no_template": save_bf16_model(root / "no_template", None),
-            "no_generation_markers": save_bf16_model(root / "no_markers", TEMPLATE_WITHOUT_MARKERS)}
+    return {
+        "no_template": save_bf16_model(root / "no_template", None),
+        "no_generation_markers": save_bf16_model(root / "no_markers", TEMPLATE_WITHOUT_MARKERS),
+    }
 
 
 def hub_layout(root: Path, split: str, rows: list[dict]) -> Path:
@@ -64,13 +66,25 @@ def recipe_data(tmp_path_factory) -> dict[str, Path]:
     for i, row in enumerate(conversations(16, seed=7)):
         user, answer = row["messages"]
         worse = {"role": "assistant", "content": " ".join(reversed(answer["content"].split()))}
-        prefs.append({"prompt": user["content"], "prompt_id": str(i), "chosen": [user, answer],
-                      "rejected": [user, worse], "messages": [user, answer], "score_chosen": 8.0,
-                      "score_rejected": 3.0})
-    chats = [{"prompt": r["messages"][0]["content"], "prompt_id": str(i), "messages": r["messages"]}
-             for i, r in enumerate(conversations(16, seed=8))]
-    return {"train_prefs": hub_layout(root / "ultrafeedback", "train_prefs", prefs),
-            "train_sft": hub_layout(root / "ultrachat", "train_sft", chats)}
+        prefs.append(
+            {
+                "prompt": user["content"],
+                "prompt_id": str(i),
+                "chosen": [user, answer],
+                "rejected": [user, worse],
+                "messages": [user, answer],
+                "score_chosen": 8.0,
+                "score_rejected": 3.0,
+            }
+        )
+    chats = [
+        {"prompt": r["messages"][0]["content"], "prompt_id": str(i), "messages": r["messages"]}
+        for i, r in enumerate(conversations(16, seed=8))
+    ]
+    return {
+        "train_prefs": hub_layout(root / "ultrafeedback", "train_prefs", prefs),
+        "train_sft": hub_layout(root / "ultrachat", "train_sft", chats),
+    }
 
 
 def recipe_argv(recipe: Path, model_dir: Path, data: dict[str, Path], out: Path) -> list[str]:
@@ -79,16 +93,33 @@ def recipe_argv(recipe: Path, model_dir: Path, data: dict[str, Path], out: Path)
 
     shipped = yaml.safe_load(recipe.read_text())
     splits = shipped["dataset_train_split"]
-    return ["--config", str(recipe), "--model_name_or_path", str(model_dir),
-            "--dataset_name", *[str(data[s]) for s in splits], "--dataset_num_samples", *["-1"] * len(splits),
-            "--output_dir", str(out), "--max_steps", "2", "--use_cpu", "true", "--disable_tqdm", "true"]
+    return [
+        "--config",
+        str(recipe),
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        *[str(data[s]) for s in splits],
+        "--dataset_num_samples",
+        *["-1"] * len(splits),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
 
 
 def check_trained_in_bf16(trainer, out: Path, start: Path) -> None:
     args = trainer.args
     assert args.bf16 and trainer.accelerator.mixed_precision == "bf16"
     assert trainer.state.global_step == 2
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [trainer.state.log_history[-1]["train_loss"]]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [
+        trainer.state.log_history[-1]["train_loss"]
+    ]
     assert all(torch.isfinite(torch.tensor(x)) for x in losses)
     # Assistant-only loss stays on (IFT must not replace prompt tokens): every row starts with an
     # untrained user turn and trains some assistant tokens.
@@ -125,33 +156,68 @@ def test_ddp_two_processes_bf16_trains_and_saves(tmp_path):
     model_dir = save_bf16_model(tmp_path / "model", CHAT_TEMPLATE)
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(16))
     out = tmp_path / "out"
-    flags = {"model_name_or_path": model_dir, "dataset_name": data, "output_dir": out, "use_cpu": "true",
-             "bf16": "true", "dtype": "bfloat16", "max_steps": 2, "per_device_train_batch_size": 2,
-             "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-             "disable_tqdm": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--dynamo_backend", "no", "-m", "iftune.cli", "ift",
-           *[x for k, v in flags.items() for x in (f"--{k}", str(v))]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    flags = {
+        "model_name_or_path": model_dir,
+        "dataset_name": data,
+        "output_dir": out,
+        "use_cpu": "true",
+        "bf16": "true",
+        "dtype": "bfloat16",
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "iftune.cli",
+        "ift",
+        *[x for k, v in flags.items() for x in (f"--{k}", str(v))],
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"]))
-                                             for h in state["log_history"] if "loss" in h)
+    assert state["global_step"] == 2 and all(
+        torch.isfinite(torch.tensor(h["loss"])) for h in state["log_history"] if "loss" in h
+    )
     saved, before = load_file(str(out / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
     assert any(not torch.equal(saved[k], before[k]) for k in before), "training did not change the weights"
 
 
-@pytest.mark.parametrize("launcher_env,fp32_master", [
-    ({}, False),  # `iftune ift` or `accelerate launch` with DDP: bf16 weights are updated in place
-    # What `accelerate launch --config_file recipes/accelerate/{fsdp,zero3}.yaml` sets.
-    ({"ACCELERATE_USE_FSDP": "true"}, True),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, True),
-], ids=["single-or-ddp", "fsdp-config", "deepspeed-config"])
+@pytest.mark.parametrize(
+    "launcher_env,fp32_master",
+    [
+        ({}, False),  # `iftune ift` or `accelerate launch` with DDP: bf16 weights are updated in place
+        # What `accelerate launch --config_file recipes/accelerate/{fsdp,zero3}.yaml` sets.
+        ({"ACCELERATE_USE_FSDP": "true"}, True),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, True),
+    ],
+    ids=["single-or-ddp", "fsdp-config", "deepspeed-config"],
+)
 def test_pure_bf16_warning_names_only_runs_without_fp32_master_weights(
-        launcher_env, fp32_master, models, recipe_data, tmp_path, monkeypatch, caplog):
+    launcher_env, fp32_master, models, recipe_data, tmp_path, monkeypatch, caplog
+):
     """The recipes' bf16 weights with lr 5e-7 round most updates away, unless a sharding wrapper
     keeps fp32 master weights (FSDP2 upcasts, ZeRO-3 keeps fp32 partitions)."""
     for key, value in launcher_env.items():

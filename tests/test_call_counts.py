@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from batches import empty_batch, normal_batch, perfect_batch
 from conftest import build_model, build_tokenizer
-
 from iftune.objective import ift_loss
 
 CHUNK = 8  # head positions per chunk: the long batch (30 trained positions) needs 4
@@ -25,13 +25,22 @@ def count_calls(model: torch.nn.Module, batch: dict, embeddings: str) -> tuple[d
     def counter(key):
         def hook(*_):
             calls[key] += 1
+
         return hook
 
-    handles = [model.get_input_embeddings().register_forward_hook(counter("input_embeddings")),
-               model.get_output_embeddings().register_forward_hook(counter("lm_head"))]
+    handles = [
+        model.get_input_embeddings().register_forward_hook(counter("input_embeddings")),
+        model.get_output_embeddings().register_forward_hook(counter("lm_head")),
+    ]
     try:
-        out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]),
-                       head_chunk_size=CHUNK, intuition_embeddings=embeddings)
+        out = ift_loss(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            torch.ones_like(batch["input_ids"]),
+            head_chunk_size=CHUNK,
+            intuition_embeddings=embeddings,
+        )
         out.loss.backward()
     finally:
         for h in handles:

@@ -4,6 +4,7 @@ check agreeing across processes (so that every rank stops at the same step)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +48,14 @@ def _rank(rank: int, port: int, data: str, cache: str, results: str) -> None:
     import logging
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+    )
     import datasets
     from accelerate import PartialState
 
@@ -63,9 +70,12 @@ def _rank(rank: int, port: int, data: str, cache: str, results: str) -> None:
     datasets.logging.get_logger().addHandler(handler)
     rows = load_training_data([data], "sft")
     mine = torch.tensor([float("nan")]) if rank == 1 else torch.ones(2)
-    out = {"processes": state.num_processes, "rows": len(rows),
-           "cached": any("Loading cached processed dataset" in m for m in seen),
-           "finite": [all_finite([mine]), all_finite([torch.ones(2)]), finite_norm([mine])]}
+    out = {
+        "processes": state.num_processes,
+        "rows": len(rows),
+        "cached": any("Loading cached processed dataset" in m for m in seen),
+        "finite": [all_finite([mine]), all_finite([torch.ones(2)]), finite_norm([mine])],
+    }
     with open(f"{results}.{rank}", "w") as fh:
         json.dump(out, fh)
     state.destroy_process_group()
@@ -78,6 +88,7 @@ def test_two_processes_share_the_data_and_stop_together(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
+
     from conftest import conversations, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(32))
@@ -86,7 +97,7 @@ def test_two_processes_share_the_data_and_stop_together(tmp_path):
         port = s.getsockname()[1]
     results = str(tmp_path / "out")
     mp.spawn(_rank, args=(port, str(data), str(tmp_path / "cache"), results), nprocs=2, join=True)
-    got = [json.loads(open(f"{results}.{rank}").read()) for rank in (0, 1)]
+    got = [json.loads(Path(f"{results}.{rank}").read_text()) for rank in (0, 1)]
     assert [g["processes"] for g in got] == [2, 2] and [g["rows"] for g in got] == [32, 32]
     assert [g["cached"] for g in got] == [False, True]
     assert [g["finite"] for g in got] == [[False, True, False]] * 2

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from iftune import cli, train
 
 RECIPES = sorted((Path(train.__file__).parent / "recipes").glob("*/*.yaml"))
@@ -21,9 +21,19 @@ def run_cli(*args) -> int:
 
 
 def base_args(model_dir, data, out, steps=2, **extra) -> list[str]:
-    args = {"model_name_or_path": model_dir, "dataset_name": data, "output_dir": out, "max_steps": steps,
-            "per_device_train_batch_size": 2, "use_cpu": "true", "report_to": "none", "save_strategy": "no",
-            "disable_tqdm": "true", "logging_steps": 1, **extra}
+    args = {
+        "model_name_or_path": model_dir,
+        "dataset_name": data,
+        "output_dir": out,
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "use_cpu": "true",
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": "true",
+        "logging_steps": 1,
+        **extra,
+    }
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -47,8 +57,16 @@ def test_ift_lora_saves_an_adapter(tiny_model_dir, chat_file, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
     out = tmp_path / "lora"
-    assert run_cli("ift", *base_args(tiny_model_dir, chat_file, out, use_peft="true", lora_r=4, lora_alpha=8,
-                                     learning_rate=0.05), "--lora_target_modules", "q_proj", "v_proj") == 0
+    assert (
+        run_cli(
+            "ift",
+            *base_args(tiny_model_dir, chat_file, out, use_peft="true", lora_r=4, lora_alpha=8, learning_rate=0.05),
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+        )
+        == 0
+    )
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
@@ -67,9 +85,13 @@ def test_preference_data_trains_sft_and_ift_on_chosen(preference_file):
 def test_mixture_with_sample_counts(chat_file, tmp_path):
     from iftune.data import load_training_data
 
-    other = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "dog"},
-                                                            {"role": "assistant", "content": f"cat {i}"}]}
-                                               for i in range(10)])
+    other = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "dog"}, {"role": "assistant", "content": f"cat {i}"}]}
+            for i in range(10)
+        ],
+    )
     data = load_training_data([str(chat_file), str(other)], "sft", [-1, 3])
     assert len(data) == 16 + 3
     assert sum(r["messages"][0]["content"] == "dog" for r in data) == 3
@@ -80,8 +102,18 @@ def test_packing_keeps_each_document_its_own(tiny_model_dir, chat_file, tmp_path
     weight or normalisation crosses a document boundary."""
     from iftune.objective import ift_loss
 
-    args = train.parse("ift", base_args(tiny_model_dir, chat_file, tmp_path / "p", packing="true",
-                                        max_length=64, per_device_train_batch_size=4, dtype="float32"))
+    args = train.parse(
+        "ift",
+        base_args(
+            tiny_model_dir,
+            chat_file,
+            tmp_path / "p",
+            packing="true",
+            max_length=64,
+            per_device_train_batch_size=4,
+            dtype="float32",
+        ),
+    )
     trainer = train.build_trainer("ift", *args)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     pos = batch["position_ids"]
@@ -102,9 +134,20 @@ def test_packing_keeps_each_document_its_own(tiny_model_dir, chat_file, tmp_path
 def test_recipes_parse_and_build(recipe, tiny_model_dir, chat_file, preference_file, tmp_path):
     method = recipe.stem
     data = preference_file if method in ("dpo", "orpo") else chat_file
-    argv = ["--config", str(recipe), *base_args(tiny_model_dir, data, tmp_path / "out", bf16="false",
-                                                 dtype="float32", gradient_checkpointing="false",
-                                                 dataset_train_split="train", dataset_num_samples=-1)]
+    argv = [
+        "--config",
+        str(recipe),
+        *base_args(
+            tiny_model_dir,
+            data,
+            tmp_path / "out",
+            bf16="false",
+            dtype="float32",
+            gradient_checkpointing="false",
+            dataset_train_split="train",
+            dataset_num_samples=-1,
+        ),
+    ]
     data_args, training_args, model_args = train.parse(method, argv)
     assert training_args.learning_rate > 0 and training_args.num_train_epochs == 3
     if method == "ift":
@@ -129,7 +172,7 @@ def expect_error(capsys, args, *fragments) -> str:
 
 def test_malformed_json_line(capsys, tiny_model_dir, tmp_path, chat_file):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(chat_file.read_text().splitlines()[0] + "\n{\"messages\": [oops\n")
+    bad.write_text(chat_file.read_text().splitlines()[0] + '\n{"messages": [oops\n')
     expect_error(capsys, ["ift", *base_args(tiny_model_dir, bad, tmp_path / "o")], "bad.jsonl:2", "malformed JSON")
 
 
@@ -141,14 +184,19 @@ def test_missing_fields(capsys, tiny_model_dir, tmp_path):
 
 
 def test_missing_file_and_model(capsys, tiny_model_dir, chat_file, tmp_path):
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o")],
-                 "nope.jsonl", "no such file")
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o")],
+        "nope.jsonl",
+        "no such file",
+    )
     expect_error(capsys, ["ift", *base_args(tmp_path / "no-model", chat_file, tmp_path / "o")], "no-model")
 
 
 def test_empty_completion(capsys, tiny_model_dir, tmp_path):
-    bad = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "the sky", "completion": "blue"},
-                                             {"prompt": "the cat", "completion": "  "}])
+    bad = write_jsonl(
+        tmp_path / "e.jsonl", [{"prompt": "the sky", "completion": "blue"}, {"prompt": "the cat", "completion": "  "}]
+    )
     expect_error(capsys, ["ift", *base_args(tiny_model_dir, bad, tmp_path / "o")], "row 2", "completion", "empty")
 
 
@@ -160,8 +208,10 @@ def test_over_long_prompt_is_dropped_not_nan(capsys, caplog, tiny_model_dir, cha
     with caplog.at_level("WARNING"):
         assert run_cli("ift", *base_args(tiny_model_dir, data, out, max_length=32, steps=3)) == 0
     assert "dropped 1 of 16 rows" in caplog.text
-    assert all(torch.isfinite(p).all() for p in __import__("safetensors.torch").torch.load_file(
-        str(out / "model.safetensors")).values())
+    assert all(
+        torch.isfinite(p).all()
+        for p in __import__("safetensors.torch").torch.load_file(str(out / "model.safetensors")).values()
+    )
 
 
 def test_unknown_method(capsys):
@@ -170,10 +220,13 @@ def test_unknown_method(capsys):
 
 
 def test_bad_option_values(capsys, tiny_model_dir, chat_file, tmp_path):
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--max_lambda", "1.5"],
-                 "max_lambda", "[0, 1]")
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--norm", "L3"],
-                 "norm", "L1")
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--max_lambda", "1.5"],
+        "max_lambda",
+        "[0, 1]",
+    )
+    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--norm", "L3"], "norm", "L1")
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -186,28 +239,33 @@ def test_missing_config_file(capsys, tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the run gets as far as building the trainer (tokenizer, data, model)."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
+
     monkeypatch.setattr(train, "build_trainer", forbidden)
 
 
-@pytest.mark.parametrize("flag,value,steps,expected", [
-    ("learning_rate", "-1", 2, "finite number > 0"),
-    ("learning_rate", "0", 2, "finite number > 0"),
-    ("learning_rate", "inf", 2, "finite number > 0"),
-    ("learning_rate", "nan", 2, "finite number > 0"),
-    ("per_device_train_batch_size", "0", 2, "integer >= 1"),
-    ("gradient_accumulation_steps", "0", 2, "integer >= 1"),
-    ("num_train_epochs", "-1", -1, "number > 0"),
-    ("num_train_epochs", "0", -1, "number > 0"),
-    ("max_steps", "0", 2, "-1"),
-])
-def test_bad_values_refused_before_the_model_loads(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path,
-                                                   flag, value, steps, expected):
+@pytest.mark.parametrize(
+    "flag,value,steps,expected",
+    [
+        ("learning_rate", "-1", 2, "finite number > 0"),
+        ("learning_rate", "0", 2, "finite number > 0"),
+        ("learning_rate", "inf", 2, "finite number > 0"),
+        ("learning_rate", "nan", 2, "finite number > 0"),
+        ("per_device_train_batch_size", "0", 2, "integer >= 1"),
+        ("gradient_accumulation_steps", "0", 2, "integer >= 1"),
+        ("num_train_epochs", "-1", -1, "number > 0"),
+        ("num_train_epochs", "0", -1, "number > 0"),
+        ("max_steps", "0", 2, "-1"),
+    ],
+)
+def test_bad_values_refused_before_the_model_loads(
+    capsys, no_model_load, tiny_model_dir, chat_file, tmp_path, flag, value, steps, expected
+):
     out = tmp_path / "o"
     args = base_args(tiny_model_dir, chat_file, out, steps=steps, **{flag: value})
-    expect_error(capsys, ["ift", *args], f"--{flag} {value if flag != 'learning_rate' else float(value)}",
-                 expected)
+    expect_error(capsys, ["ift", *args], f"--{flag} {value if flag != 'learning_rate' else float(value)}", expected)
     assert not out.exists()
 
 
@@ -232,8 +290,7 @@ def test_max_length_beyond_positions_warns_once(caplog, tiny_model_dir, chat_fil
 
     limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
     with caplog.at_level("WARNING"):
-        assert run_cli("sft", *base_args(tiny_model_dir, chat_file, tmp_path / "o", steps=1,
-                                         max_length=limit + 1)) == 0
+        assert run_cli("sft", *base_args(tiny_model_dir, chat_file, tmp_path / "o", steps=1, max_length=limit + 1)) == 0
     warnings = [r.getMessage() for r in caplog.records if "--max_length" in r.getMessage()]
     assert len(warnings) == 1 and f"maximum positions ({limit})" in warnings[0]
 
@@ -245,15 +302,21 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("method", ["ift", "dpo"])
-def test_non_empty_output_dir_is_refused_and_kept(capsys, no_model_load, tiny_model_dir, chat_file,
-                                                  preference_file, tmp_path, method):
+def test_non_empty_output_dir_is_refused_and_kept(
+    capsys, no_model_load, tiny_model_dir, chat_file, preference_file, tmp_path, method
+):
     out = tmp_path / "earlier"
     shutil.copytree(tiny_model_dir, out)  # another model, already there
     (out / "notes.txt").write_text("mine")
     before = digests(out)
     data = preference_file if method == "dpo" else chat_file
-    expect_error(capsys, [method, *base_args(tiny_model_dir, data, out)], f"--output_dir {out}", "not empty",
-                 "--overwrite_output_dir true")
+    expect_error(
+        capsys,
+        [method, *base_args(tiny_model_dir, data, out)],
+        f"--output_dir {out}",
+        "not empty",
+        "--overwrite_output_dir true",
+    )
     assert digests(out) == before
 
 
@@ -279,32 +342,51 @@ def test_output_dir_that_is_a_file(capsys, no_model_load, tiny_model_dir, chat_f
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys")
 @pytest.mark.parametrize("where", ["/sys/iftune-out", "/sys/iftune-out/nested"])
 def test_unwritable_output_dir_refused_before_training(capsys, no_model_load, tiny_model_dir, chat_file, where):
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, where)], f"--output_dir {where}",
-                 "cannot write in /sys")
+    expect_error(
+        capsys, ["ift", *base_args(tiny_model_dir, chat_file, where)], f"--output_dir {where}", "cannot write in /sys"
+    )
 
 
-def test_resume_from_a_directory_that_is_not_a_checkpoint(capsys, no_model_load, tiny_model_dir, chat_file,
-                                                          tmp_path):
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"),
-                          "--resume_from_checkpoint", tiny_model_dir],
-                 "--resume_from_checkpoint", "not a checkpoint", "trainer_state.json")
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"),
-                          "--resume_from_checkpoint", tmp_path / "none"], "no such checkpoint directory")
+def test_resume_from_a_directory_that_is_not_a_checkpoint(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--resume_from_checkpoint", tiny_model_dir],
+        "--resume_from_checkpoint",
+        "not a checkpoint",
+        "trainer_state.json",
+    )
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--resume_from_checkpoint", tmp_path / "none"],
+        "no such checkpoint directory",
+    )
 
 
 def test_resume_true_without_a_checkpoint(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out), "--resume_from_checkpoint", "true"],
-                 "--resume_from_checkpoint true", "no checkpoint-N", str(out))
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, out), "--resume_from_checkpoint", "true"],
+        "--resume_from_checkpoint true",
+        "no checkpoint-N",
+        str(out),
+    )
 
 
 def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "o"
     args = base_args(tiny_model_dir, chat_file, out, steps=2, save_strategy="steps", save_steps=1)
     assert run_cli("ift", *args) == 0
-    assert run_cli("ift", *base_args(tiny_model_dir, chat_file, out, steps=3, save_strategy="steps", save_steps=1),
-                   "--resume_from_checkpoint", "true") == 0
+    assert (
+        run_cli(
+            "ift",
+            *base_args(tiny_model_dir, chat_file, out, steps=3, save_strategy="steps", save_steps=1),
+            "--resume_from_checkpoint",
+            "true",
+        )
+        == 0
+    )
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
 
@@ -312,8 +394,13 @@ def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file,
 def test_output_dir_with_checkpoints_suggests_resuming(capsys, tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "o"
     (out / "checkpoint-2").mkdir(parents=True)
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out)], "not empty",
-                 "--resume_from_checkpoint true", "--overwrite_output_dir true")
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, out)],
+        "not empty",
+        "--resume_from_checkpoint true",
+        "--overwrite_output_dir true",
+    )
 
 
 def test_truncated_safetensors(capsys, no_model_load, tiny_model_dir, chat_file, tmp_path):
@@ -343,27 +430,39 @@ def test_ift_help_starts_with_a_short_summary(capsys):
         run_cli("ift", "--help")
     assert exit_.value.code == 0
     top = "\n".join(capsys.readouterr().out.splitlines()[:30])
-    for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--overwrite_output_dir",
-                 "--max_lambda 0.2", "--gamma 0.95", "--intuition greedy"):
+    for flag in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--output_dir",
+        "--overwrite_output_dir",
+        "--max_lambda 0.2",
+        "--gamma 0.95",
+        "--intuition greedy",
+    ):
         assert flag in top, flag
 
 
 @pytest.mark.parametrize("method", ["ift", "sft"])
-@pytest.mark.parametrize("lr,step,what,kept", [
-    # AdamW's first update is lr / (1 - beta1) = 10 lr per weight: 1e31 is finite, the next
-    # forward overflows, so step 2's gradient norm is NaN; 1e39 is already inf at step 1.
-    (1e30, 2, "gradient norm", ["checkpoint-1"]),
-    (1e38, 1, "weights", []),
-])
-def test_non_finite_run_stops_and_saves_no_nan_model(capsys, tiny_model_dir, chat_file, tmp_path, method,
-                                                     lr, step, what, kept):
+@pytest.mark.parametrize(
+    "lr,step,what,kept",
+    [
+        # AdamW's first update is lr / (1 - beta1) = 10 lr per weight: 1e31 is finite, the next
+        # forward overflows, so step 2's gradient norm is NaN; 1e39 is already inf at step 1.
+        (1e30, 2, "gradient norm", ["checkpoint-1"]),
+        (1e38, 1, "weights", []),
+    ],
+)
+def test_non_finite_run_stops_and_saves_no_nan_model(
+    capsys, tiny_model_dir, chat_file, tmp_path, method, lr, step, what, kept
+):
     """A run whose weights or gradients stop being finite stops at that step with one line, keeps
     only the finite checkpoints before it, and saves no final model."""
     from safetensors.torch import load_file
 
     out = tmp_path / "o"
-    args = base_args(tiny_model_dir, chat_file, out, steps=4, learning_rate=lr, save_strategy="steps",
-                     save_steps=1, dtype="float32")
+    args = base_args(
+        tiny_model_dir, chat_file, out, steps=4, learning_rate=lr, save_strategy="steps", save_steps=1, dtype="float32"
+    )
     expect_error(capsys, [method, *args], f"step {step}:", what, "not finite")
     assert not (out / "model.safetensors").exists()
     checkpoints = sorted(out.glob("checkpoint-*"))
@@ -374,26 +473,43 @@ def test_non_finite_run_stops_and_saves_no_nan_model(capsys, tiny_model_dir, cha
 
 def test_non_finite_weights_after_the_last_step_are_not_saved(capsys, tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "o"
-    expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, out, steps=1, learning_rate=1e38)],
-                 "step 1:", "weights are not finite", "end of training")
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, out, steps=1, learning_rate=1e38)],
+        "step 1:",
+        "weights are not finite",
+        "end of training",
+    )
     assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("method", ["ift", "dpo"])
 def test_every_row_dropped_by_max_length(capsys, tiny_model_dir, chat_file, preference_file, tmp_path, method):
     data = preference_file if method == "dpo" else chat_file
-    expect_error(capsys, [method, *base_args(tiny_model_dir, data, tmp_path / "o", max_length=1)],
-                 "--max_length 1", "every one of the 16 training rows", "no trained token")
+    expect_error(
+        capsys,
+        [method, *base_args(tiny_model_dir, data, tmp_path / "o", max_length=1)],
+        "--max_length 1",
+        "every one of the 16 training rows",
+        "no trained token",
+    )
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_argparse_commands_take_underscores_as_dashes():
-    assert cli.dashed(["--output_dir", "a_b", "--max_new_tokens=3", "-x", "--", "--keep_me"]) == \
-        ["--output-dir", "a_b", "--max-new-tokens=3", "-x", "--", "--keep_me"]
+    assert cli.dashed(["--output_dir", "a_b", "--max_new_tokens=3", "-x", "--", "--keep_me"]) == [
+        "--output-dir",
+        "a_b",
+        "--max-new-tokens=3",
+        "-x",
+        "--",
+        "--keep_me",
+    ]
     from iftune.evaluation.generate import build_parser
 
-    args = build_parser().parse_args(cli.dashed(["--model", "m", "--prompts", "p", "--output", "o",
-                                                 "--max_new_tokens", "3", "--batch_size", "2"]))
+    args = build_parser().parse_args(
+        cli.dashed(["--model", "m", "--prompts", "p", "--output", "o", "--max_new_tokens", "3", "--batch_size", "2"])
+    )
     assert (args.max_new_tokens, args.batch_size) == (3, 2)
 
 

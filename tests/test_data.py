@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-from conftest import conversations, write_jsonl
 
+from conftest import conversations, write_jsonl
 from iftune import cli
 from iftune.data import load_training_data
 
@@ -27,24 +27,48 @@ def datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
 
 
-@pytest.mark.parametrize("name,content,fragments", [
-    ("empty.jsonl", b"", ["empty.jsonl", "the file is empty"]),
-    ("blank.jsonl", b"\n  \n\n", ["blank.jsonl", "no rows", "blank lines"]),
-    ("latin1.jsonl", line(GOOD) + line(GOOD) + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"),
-     ["latin1.jsonl:3", "not UTF-8", "0xe9"]),
-    ("number.jsonl", line(GOOD) + line({"prompt": "two plus two", "completion": 42}),
-     ["number.jsonl: row 2", "field 'completion'", "got number 42"]),
-    ("null.jsonl", line({"messages": [{"role": "user", "content": "what is red"},
-                                      {"role": "assistant", "content": None}]}),
-     ["null.jsonl: row 1", "field 'messages', message 2", "'content' must be a string, got null"]),
-    ("empty-list.json", b"[]", ["empty-list.json", "no rows"]),
-    ("object-line.jsonl", line(GOOD) + b'["a", "b"]\n', ["object-line.jsonl:2", "expected a JSON object"]),
-])
+@pytest.mark.parametrize(
+    "name,content,fragments",
+    [
+        ("empty.jsonl", b"", ["empty.jsonl", "the file is empty"]),
+        ("blank.jsonl", b"\n  \n\n", ["blank.jsonl", "no rows", "blank lines"]),
+        (
+            "latin1.jsonl",
+            line(GOOD) + line(GOOD) + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"),
+            ["latin1.jsonl:3", "not UTF-8", "0xe9"],
+        ),
+        (
+            "number.jsonl",
+            line(GOOD) + line({"prompt": "two plus two", "completion": 42}),
+            ["number.jsonl: row 2", "field 'completion'", "got number 42"],
+        ),
+        (
+            "null.jsonl",
+            line({"messages": [{"role": "user", "content": "what is red"}, {"role": "assistant", "content": None}]}),
+            ["null.jsonl: row 1", "field 'messages', message 2", "'content' must be a string, got null"],
+        ),
+        ("empty-list.json", b"[]", ["empty-list.json", "no rows"]),
+        ("object-line.jsonl", line(GOOD) + b'["a", "b"]\n', ["object-line.jsonl:2", "expected a JSON object"]),
+    ],
+)
 def test_bad_file_is_one_line(capsys, tiny_model_dir, tmp_path, name, content, fragments):
     data = tmp_path / name
     data.write_bytes(content)
-    code = cli.main(["ift", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
-                     "--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--report_to", "none"])
+    code = cli.main(
+        [
+            "ift",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -52,10 +76,16 @@ def test_bad_file_is_one_line(capsys, tiny_model_dir, tmp_path, name, content, f
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("row,fragments", [
-    ({"prompt": "a", "chosen": "b", "rejected": 7}, ["row 1", "field 'rejected'", "got number 7"]),
-    ({"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": "c"}, ["field 'chosen', message 1", "'content'"]),
-])
+@pytest.mark.parametrize(
+    "row,fragments",
+    [
+        ({"prompt": "a", "chosen": "b", "rejected": 7}, ["row 1", "field 'rejected'", "got number 7"]),
+        (
+            {"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": "c"},
+            ["field 'chosen', message 1", "'content'"],
+        ),
+    ],
+)
 def test_bad_preference_rows(tmp_path, row, fragments):
     from iftune.errors import UserError
 

@@ -11,8 +11,15 @@ from iftune.demo import base as demo_base
 from iftune.demo import data as demo_data
 from iftune.demo import score as demo_score
 
-TINY = demo_base.BaseSpec(hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
-                          corpus_docs=300, batch_size=8, pretrain_steps=3)
+TINY = demo_base.BaseSpec(
+    hidden_size=16,
+    num_hidden_layers=1,
+    intermediate_size=32,
+    num_attention_heads=2,
+    corpus_docs=300,
+    batch_size=8,
+    pretrain_steps=3,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +145,12 @@ def test_scorer_on_known_strings():
 def test_summary_pairs_by_seed():
     from iftune.demo import RunResult, summarize
 
-    runs = [RunResult("sft", 0, 0.2, 0.5, 1.0), RunResult("sft", 1, 0.4, 0.6, 1.0),
-            RunResult("ift", 0, 0.3, 0.5, 1.0), RunResult("ift", 1, 0.4, 0.8, 1.0)]
+    runs = [
+        RunResult("sft", 0, 0.2, 0.5, 1.0),
+        RunResult("sft", 1, 0.4, 0.6, 1.0),
+        RunResult("ift", 0, 0.3, 0.5, 1.0),
+        RunResult("ift", 1, 0.4, 0.8, 1.0),
+    ]
     s = summarize(runs)
     assert s["sft"]["exact_match"]["mean"] == pytest.approx(0.3)
     assert s["sft"]["exact_match"]["std"] == pytest.approx(0.1414213, rel=1e-5)

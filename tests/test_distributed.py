@@ -36,15 +36,35 @@ BF16 = ("--mixed_precision", "bf16", "--init", "0.1")  # spread weights: bf16 ke
 def torchrun(tmp_path: Path, *args: str, env_extra: dict | None = None) -> dict:
     """Run dist_grads.py on 2 processes; returns rank 0's report (fails with the ranks' errors)."""
     out = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TORCH_DISTRIBUTED_DEBUG": "DETAIL", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), *args, "--out", str(out)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+        **(env_extra or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        *args,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "Error" in line][-6:]
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n" + "\n".join(errors)
-                             + "\n--- stderr tail ---\n" + proc.stderr[-4000:])
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n"
+            + "\n".join(errors)
+            + "\n--- stderr tail ---\n"
+            + proc.stderr[-4000:]
+        )
     return json.loads(out.read_text())
 
 
@@ -89,8 +109,9 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, variant):
     check_report(torchrun(tmp_path, "--backend", "fsdp2", "--chunk", "4", *options), bf16="bf16" in options)
 
 
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed not installed (pip install 'iftune[deepspeed]')")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (pip install 'iftune[deepspeed]')"
+)
 
 
 @pytest.mark.slow
@@ -99,23 +120,38 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_zero3_two_ranks_match_one_process(tmp_path, variant):
     """ZeRO-3 with parameters partitioned from construction; `--chunk 4` as above."""
     options = ZERO3_VARIANTS[variant]
-    check_report(torchrun(tmp_path, "--backend", "zero3", "--chunk", "4", *options,
-                          env_extra={"DS_ACCELERATOR": "cpu"}), bf16="bf16" in options)
+    check_report(
+        torchrun(tmp_path, "--backend", "zero3", "--chunk", "4", *options, env_extra={"DS_ACCELERATOR": "cpu"}),
+        bf16="bf16" in options,
+    )
 
 
 # ---------------------------------------------------------------- the whole trainer under ZeRO-3
 
 ZERO3_CONFIG = {
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,  # partition every weight
-                          "stage3_gather_16bit_weights_on_model_save": True},
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,  # partition every weight
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "zero_allow_untested_optimizer": True,
 }
 
 
 def cli_run(cmd: list[str], env_extra: dict | None = None) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env_extra or {}),
+    }
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -130,21 +166,69 @@ def test_iftune_cli_under_zero3_matches_one_process(tmp_path, tiny_model_dir, ch
 
     (tmp_path / "ds.json").write_text(json.dumps(ZERO3_CONFIG))
     launcher = tmp_path / "zero3.yaml"  # the shipped recipes/accelerate/zero3.yaml, its DeepSpeed part from ds.json
-    launcher.write_text(json.dumps({
-        "distributed_type": "DEEPSPEED", "num_processes": 2, "num_machines": 1, "machine_rank": 0,
-        "use_cpu": False, "compute_environment": "LOCAL_MACHINE",  # precision: ds.json (mixed_precision here is refused)
-        "deepspeed_config": {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True}}))
-    flags = {"model_name_or_path": tiny_model_dir, "dataset_name": chat_file, "use_cpu": "true",
-             "report_to": "none", "disable_tqdm": "true", "max_steps": 1, "optim": "sgd", "learning_rate": 1.0,
-             "lr_scheduler_type": "constant", "max_grad_norm": 0, "save_strategy": "no", "seed": 11,
-             "head_chunk_size": 3, "intuition_embeddings": "detached", "bf16": "false"}
+    launcher.write_text(
+        json.dumps(
+            {
+                "distributed_type": "DEEPSPEED",
+                "num_processes": 2,
+                "num_machines": 1,
+                "machine_rank": 0,
+                "use_cpu": False,
+                "compute_environment": "LOCAL_MACHINE",  # precision: ds.json (mixed_precision here is refused)
+                "deepspeed_config": {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True},
+            }
+        )
+    )
+    flags = {
+        "model_name_or_path": tiny_model_dir,
+        "dataset_name": chat_file,
+        "use_cpu": "true",
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "max_steps": 1,
+        "optim": "sgd",
+        "learning_rate": 1.0,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0,
+        "save_strategy": "no",
+        "seed": 11,
+        "head_chunk_size": 3,
+        "intuition_embeddings": "detached",
+        "bf16": "false",
+    }
     argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     one, two = tmp_path / "one", tmp_path / "two"
-    cli_run([sys.executable, "-m", "iftune.cli", "ift", *argv, "--output_dir", str(one),
-             "--per_device_train_batch_size", "4"])
-    cli_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher),
-             "-m", "iftune.cli", "ift", *argv, "--output_dir", str(two), "--per_device_train_batch_size", "2",
-             ], env_extra={"DS_ACCELERATOR": "cpu"})
+    cli_run(
+        [
+            sys.executable,
+            "-m",
+            "iftune.cli",
+            "ift",
+            *argv,
+            "--output_dir",
+            str(one),
+            "--per_device_train_batch_size",
+            "4",
+        ]
+    )
+    cli_run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(launcher),
+            "-m",
+            "iftune.cli",
+            "ift",
+            *argv,
+            "--output_dir",
+            str(two),
+            "--per_device_train_batch_size",
+            "2",
+        ],
+        env_extra={"DS_ACCELERATOR": "cpu"},
+    )
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     assert set(a) == set(b) and any((a[k] - start[k]).abs().max() > 1e-3 for k in a)

@@ -15,24 +15,48 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("lm_eval")
-import torch  # noqa: E402
+import torch
 
-from conftest import write_jsonl  # noqa: E402
-from iftune import cli  # noqa: E402
-from iftune.evaluation import data as data_mod  # noqa: E402
-from iftune.evaluation.report import LEADERBOARD, markdown_table, summarize  # noqa: E402
-from iftune.evaluation.run import task_plan  # noqa: E402
+from conftest import write_jsonl
+from iftune import cli
+from iftune.evaluation import data as data_mod
+from iftune.evaluation.report import LEADERBOARD, markdown_table, summarize
+from iftune.evaluation.run import task_plan
 
 GOLD, WRONG = "B", "D"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-WORDS = list("ABCDEFGH") + list("1234") + ["Question", "Answer", ":", ".", "?", "with", "the",
-                                           "letter", "of", "correct", "option", "which", "is",
-                                           "sky", "sea", "sun", "red", "blue", "green"]
+WORDS = (
+    list("ABCDEFGH")
+    + list("1234")
+    + [
+        "Question",
+        "Answer",
+        ":",
+        ".",
+        "?",
+        "with",
+        "the",
+        "letter",
+        "of",
+        "correct",
+        "option",
+        "which",
+        "is",
+        "sky",
+        "sea",
+        "sun",
+        "red",
+        "blue",
+        "green",
+    ]
+)
 
 
 def make_tokenizer(path: Path, chat: bool = True):
@@ -42,9 +66,14 @@ def make_tokenizer(path: Path, chat: bool = True):
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>", pad_token="<pad>",
-                                  additional_special_tokens=SPECIALS[4:])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:],
+    )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
@@ -56,11 +85,19 @@ def make_model(path: Path, tok, answer: str, chat: bool = True) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
@@ -80,8 +117,9 @@ def make_adapter(path: Path, base: Path, tok, answer: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"])
+    )
     lm_head = model.base_model.model.lm_head
     with torch.no_grad():
         lm_head.lora_A["default"].weight.zero_()
@@ -155,20 +193,32 @@ def env(tmp_path_factory):
     no_template = make_model(root / "plain", tok, GOLD, chat=False)
     adapter = make_adapter(root / "adapter", wrong, tok, GOLD)
     questions = ["which is the sky ?", "which is red ?", "which is the sea ?", "is the sun ?"]
-    mc = write_jsonl(root / "mc.jsonl", [{"question": q, "choices": ["A", GOLD, "C", WRONG],
-                                          "gold": 1} for q in questions])
+    mc = write_jsonl(
+        root / "mc.jsonl", [{"question": q, "choices": ["A", GOLD, "C", WRONG], "gold": 1} for q in questions]
+    )
     gen = write_jsonl(root / "gen.jsonl", [{"question": q, "answer": GOLD} for q in questions])
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "tiny_mc.yaml").write_text(TINY_MC.format(mc=mc))
     (tasks / "tiny_gen.yaml").write_text(TINY_GEN.format(gen=gen))
-    return {"root": root, "right": right, "wrong": wrong, "plain": no_template,
-            "adapter": adapter, "tasks": tasks}
+    return {"root": root, "right": right, "wrong": wrong, "plain": no_template, "adapter": adapter, "tasks": tasks}
 
 
 def run_eval(env, out: Path, *extra: str, model: str = "right", tasks="tiny_mc,tiny_gen"):
-    args = ["eval", "--model", str(env[model]), "--tasks", tasks, "--include-path",
-            str(env["tasks"]), "--output-dir", str(out), "--device", "cpu", *extra]
+    args = [
+        "eval",
+        "--model",
+        str(env[model]),
+        "--tasks",
+        tasks,
+        "--include-path",
+        str(env["tasks"]),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return cli.main(args)
 
 
@@ -179,8 +229,7 @@ def scores(out: Path) -> dict[str, float]:
 
 def logged_prompts(out: Path, task: str) -> list[str]:
     (path,) = out.glob(f"samples_{task}_*.jsonl")
-    return [json.loads(line)["arguments"]["gen_args_0"]["arg_0"]
-            for line in path.read_text().splitlines()]
+    return [json.loads(line)["arguments"]["gen_args_0"]["arg_0"] for line in path.read_text().splitlines()]
 
 
 def test_right_model_scores_one_with_chat_template_and_outputs(env, tmp_path):
@@ -214,8 +263,7 @@ def test_lora_adapter_is_applied(env, tmp_path):
 
 
 def test_no_chat_template_gives_plain_prompts(env, tmp_path):
-    assert run_eval(env, tmp_path, "--no-chat-template", "--num-fewshot", "1", model="plain",
-                    tasks="tiny_gen") == 0
+    assert run_eval(env, tmp_path, "--no-chat-template", "--num-fewshot", "1", model="plain", tasks="tiny_gen") == 0
     assert scores(tmp_path) == {"tiny_gen": 1.0}
     prompts = logged_prompts(tmp_path, "tiny_gen")
     assert prompts and not any("<|" in p for p in prompts)
@@ -230,16 +278,20 @@ def test_tokenizer_without_template_is_a_one_line_error(env, tmp_path, capsys):
     assert not (tmp_path / "summary.json").exists()
     prompts = tmp_path / "prompts.json"
     prompts.write_text('["which is red ?"]')
-    assert cli.main(["generate", "--model", str(env["plain"]), "--prompts", str(prompts),
-                     "--output", str(tmp_path / "o.json")]) == 2
+    assert (
+        cli.main(
+            ["generate", "--model", str(env["plain"]), "--prompts", str(prompts), "--output", str(tmp_path / "o.json")]
+        )
+        == 2
+    )
     assert "no chat template" in capsys.readouterr().err
 
 
-def test_hub_only_task_offline_names_dataset_before_model_load(env, tmp_path, capsys,
-                                                               monkeypatch):
+def test_hub_only_task_offline_names_dataset_before_model_load(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data_mod, "in_cache", lambda path: False)
-    code = cli.main(["eval", "--model", str(tmp_path / "no-such-model"), "--tasks", "arc_gen",
-                     "--output-dir", str(tmp_path)])
+    code = cli.main(
+        ["eval", "--model", str(tmp_path / "no-such-model"), "--tasks", "arc_gen", "--output-dir", str(tmp_path)]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "allenai/ai2_arc" in err and "--data-dir DIR" in err and "no-such-model" not in err
@@ -260,24 +312,50 @@ def fake_hub(root: Path, mmlu_subjects: list[str]) -> Path:
     Every gold answer is the letter/word GOLD, rows differ (few-shot sampling skips the doc
     itself); ARC mixes A-D and 1-4 labels like the real set.
     """
-    arc = [{"id": f"q{i}", "question": f"which is red {i} ?", "answerKey": key,
-            "choices": {"text": ["A", GOLD, "C", WRONG], "label": labels}}
-           for i in range(13) for labels, key in [(list("ABCD"), "B"), (list("1234"), "2")]]
+    arc = [
+        {
+            "id": f"q{i}",
+            "question": f"which is red {i} ?",
+            "answerKey": key,
+            "choices": {"text": ["A", GOLD, "C", WRONG], "label": labels},
+        }
+        for i in range(13)
+        for labels, key in [(list("ABCD"), "B"), (list("1234"), "2")]
+    ]
     write_parquet(root, "allenai/ai2_arc", "ARC-Challenge", ["train", "validation", "test"], arc)
     for subject in mmlu_subjects:
-        write_parquet(root, "cais/mmlu", subject, ["test", "dev", "validation"],
-                      [{"question": f"which is red {i} ?", "subject": subject,
-                        "choices": ["A", GOLD, "C", WRONG], "answer": 1} for i in range(5)])
+        write_parquet(
+            root,
+            "cais/mmlu",
+            subject,
+            ["test", "dev", "validation"],
+            [
+                {"question": f"which is red {i} ?", "subject": subject, "choices": ["A", GOLD, "C", WRONG], "answer": 1}
+                for i in range(5)
+            ],
+        )
     targets = {"choices": [GOLD, WRONG], "labels": [1, 0]}
-    write_parquet(root, "truthfulqa/truthful_qa", "multiple_choice", ["validation"],
-                  [{"question": f"is the sun blue {i} ?", "mc1_targets": targets,
-                    "mc2_targets": targets} for i in range(2)])
-    write_parquet(root, "allenai/winogrande", "winogrande_xl", ["train", "validation", "test"],
-                  [{"sentence": f"the sky {i} is _ blue .", "option1": GOLD, "option2": WRONG,
-                    "answer": "1"} for i in range(6)])
-    write_parquet(root, "openai/gsm8k", "main", ["train", "test"],
-                  [{"question": f"which is red {i} ?", "answer": "it is #### 4"}
-                   for i in range(6)])
+    write_parquet(
+        root,
+        "truthfulqa/truthful_qa",
+        "multiple_choice",
+        ["validation"],
+        [{"question": f"is the sun blue {i} ?", "mc1_targets": targets, "mc2_targets": targets} for i in range(2)],
+    )
+    write_parquet(
+        root,
+        "allenai/winogrande",
+        "winogrande_xl",
+        ["train", "validation", "test"],
+        [{"sentence": f"the sky {i} is _ blue .", "option1": GOLD, "option2": WRONG, "answer": "1"} for i in range(6)],
+    )
+    write_parquet(
+        root,
+        "openai/gsm8k",
+        "main",
+        ["train", "test"],
+        [{"question": f"which is red {i} ?", "answer": "it is #### 4"} for i in range(6)],
+    )
     return root
 
 
@@ -297,13 +375,25 @@ def test_leaderboard_from_data_dir(env, tmp_path, monkeypatch):
     # the stub always says GOLD: right on every multiple-choice set and on ARC-Gen, while
     # GSM8K wants "#### 4"; TruthfulQA's mc2 is a probability mass, not a 0/1 count
     assert {t: v for t, v in got.items() if t not in ("gsm8k", "truthfulqa_mc2")} == {
-        "arc_challenge": 1.0, "arc_gen": 1.0, "mmlu": 1.0, "winogrande": 1.0}
+        "arc_challenge": 1.0,
+        "arc_gen": 1.0,
+        "mmlu": 1.0,
+        "winogrande": 1.0,
+    }
     assert got["gsm8k"] == 0.0 and got["truthfulqa_mc2"] == pytest.approx(1.0, abs=1e-6)
     results = json.loads(next(out.glob("results_*.json")).read_text())
-    shots = {t: results["configs"][t]["num_fewshot"] for t in
-             ["arc_challenge", "arc_gen", "mmlu_anatomy", "truthfulqa_mc2", "winogrande", "gsm8k"]}
-    assert shots == {"arc_challenge": 25, "arc_gen": 25, "mmlu_anatomy": 5,
-                     "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5}
+    shots = {
+        t: results["configs"][t]["num_fewshot"]
+        for t in ["arc_challenge", "arc_gen", "mmlu_anatomy", "truthfulqa_mc2", "winogrande", "gsm8k"]
+    }
+    assert shots == {
+        "arc_challenge": 25,
+        "arc_gen": 25,
+        "mmlu_anatomy": 5,
+        "truthfulqa_mc2": 0,
+        "winogrande": 5,
+        "gsm8k": 5,
+    }
     assert results["fewshot_as_multiturn"] is True and results["chat_template"] == CHAT_TEMPLATE
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| Model | ARC | ARC-Gen | MMLU | TruthfulQA | WinoGrande | GSM8K | Avg. |"
@@ -311,8 +401,9 @@ def test_leaderboard_from_data_dir(env, tmp_path, monkeypatch):
     # ARC-Gen: options relabelled A, B, ... in the prompt (item 1 had labels 1-4), gold = B
     prompt = logged_prompts(out, "arc_gen")[1]
     assert prompt.count("<|user|>") == 26
-    assert prompt.endswith("\nA. A\nB. B\nC. C\nD. D\nAnswer with the letter of the correct "
-                           "option.\nAnswer: <|end|> <|assistant|>")
+    assert prompt.endswith(
+        "\nA. A\nB. B\nC. C\nD. D\nAnswer with the letter of the correct option.\nAnswer: <|end|> <|assistant|>"
+    )
     samples = [json.loads(s) for s in next(out.glob("samples_arc_gen_*.jsonl")).open()]
     assert [s["doc"]["answerKey"] for s in samples] == ["B", "2"]
     assert {s["target"] for s in samples} == {GOLD}
@@ -327,8 +418,7 @@ def test_local_copy_layouts(tmp_path):
     (root / "ARC-Challenge").mkdir(parents=True)
     (root / "README.md").write_text("---\nconfigs:\n- config_name: ARC-Challenge\n---\n")
     need = data_mod.HubData("allenai/ai2_arc", {"ARC-Challenge"}, ["arc_gen"])
-    assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path) == {
-        "allenai/ai2_arc": str(root.resolve())}
+    assert data_mod.resolve_local_data({"allenai/ai2_arc": need}, tmp_path) == {"allenai/ai2_arc": str(root.resolve())}
     copy = tmp_path / "gsm8k" / "main"  # DIR/<name> without the org also counts
     copy.mkdir(parents=True)
     write_jsonl(copy / "test.jsonl", [{"question": "q1", "answer": "1"}])
@@ -346,16 +436,31 @@ def test_local_copy_layouts(tmp_path):
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.7", "--top-p", "0.9"]])
 def test_generate_writes_alpaca_eval_records(env, tmp_path, sampling):
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"instruction": "which is red ?", "dataset": "tiny"},
-                                   "is the sun blue ?", "which is the sea ?"]))
+    prompts.write_text(
+        json.dumps([{"instruction": "which is red ?", "dataset": "tiny"}, "is the sun blue ?", "which is the sea ?"])
+    )
     out = tmp_path / "outputs.json"
-    code = cli.main(["generate", "--model", str(env["right"]), "--prompts", str(prompts),
-                     "--output", str(out), "--max-new-tokens", "2", "--batch-size", "2",
-                     "--device", "cpu", *sampling])
+    code = cli.main(
+        [
+            "generate",
+            "--model",
+            str(env["right"]),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "2",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            *sampling,
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [r["instruction"] for r in rows] == ["which is red ?", "is the sun blue ?",
-                                                "which is the sea ?"]
+    assert [r["instruction"] for r in rows] == ["which is red ?", "is the sun blue ?", "which is the sea ?"]
     assert all({"instruction", "output", "generator"} <= set(r) for r in rows)
     assert all(r["output"] == f"{GOLD} {GOLD}" and r["generator"] == "right" for r in rows)
     assert rows[0]["dataset"] == "tiny" and "dataset" not in rows[1]
@@ -363,16 +468,20 @@ def test_generate_writes_alpaca_eval_records(env, tmp_path, sampling):
 
 def test_leaderboard_plan_has_the_papers_shots():
     plan = task_plan("leaderboard")
-    assert plan == {"arc_challenge": {"num_fewshot": 25}, "arc_gen": {"num_fewshot": 25},
-                    "mmlu": {"num_fewshot": 5}, "truthfulqa_mc2": {"num_fewshot": 0},
-                    "winogrande": {"num_fewshot": 5}, "gsm8k": {"num_fewshot": 5}}
+    assert plan == {
+        "arc_challenge": {"num_fewshot": 25},
+        "arc_gen": {"num_fewshot": 25},
+        "mmlu": {"num_fewshot": 5},
+        "truthfulqa_mc2": {"num_fewshot": 0},
+        "winogrande": {"num_fewshot": 5},
+        "gsm8k": {"num_fewshot": 5},
+    }
 
 
 def test_table3_layout_and_compare(tmp_path, capsys):
     # the paper's Mistral-7B row of Table 3; its Avg. leaves ARC-Gen out
     values = [0.5307, 0.7304, 0.5914, 0.4529, 0.7758, 0.3889]
-    results = {"results": {c.task: {c.metric: v, "alias": c.task}
-                           for c, v in zip(LEADERBOARD, values)}}
+    results = {"results": {c.task: {c.metric: v, "alias": c.task} for c, v in zip(LEADERBOARD, values)}}
     summary = summarize(results, [c.task for c in LEADERBOARD], "/m/ift-model", None)
     lines = markdown_table([summary]).splitlines()
     assert lines[0] == "| Model | ARC | ARC-Gen | MMLU | TruthfulQA | WinoGrande | GSM8K | Avg. |"
@@ -393,8 +502,19 @@ def test_default_device_and_underscore_output_dir(env, tmp_path):
     default `cuda` failed with "Torch not compiled with CUDA enabled". --output_dir and
     --include_path are accepted as well as --output-dir and --include-path."""
     out = tmp_path / "under"
-    args = ["eval", "--model", str(env["right"]), "--tasks", "tiny_mc", "--include_path", str(env["tasks"]),
-            "--output_dir", str(out), "--limit", "2"]
+    args = [
+        "eval",
+        "--model",
+        str(env["right"]),
+        "--tasks",
+        "tiny_mc",
+        "--include_path",
+        str(env["tasks"]),
+        "--output_dir",
+        str(out),
+        "--limit",
+        "2",
+    ]
     assert cli.main(args) == 0
     assert scores(out) == {"tiny_mc": 1.0}
 
@@ -426,6 +546,6 @@ def test_mirrors_default_to_the_users_cache():
 
     fresh = importlib.reload(data_mod)
     try:
-        assert fresh.MIRRORS == home_cache / "iftune" / "data-mirrors"
+        assert home_cache / "iftune" / "data-mirrors" == fresh.MIRRORS
     finally:
         importlib.reload(data_mod)

@@ -16,11 +16,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from iftune import cli  # noqa: E402
-from iftune.errors import UserError  # noqa: E402
-from iftune.frozenlake import policy, study  # noqa: E402
-from iftune.frozenlake.env import MAPS, build_lake, greedy_route, parse_map, target_policy, value_iteration  # noqa: E402
-from iftune.frozenlake.methods import METHODS, Hyper, intuited_states, loss_fn, reference_terms  # noqa: E402
+from iftune import cli
+from iftune.errors import UserError
+from iftune.frozenlake import policy, study
+from iftune.frozenlake.env import MAPS, build_lake, greedy_route, parse_map, target_policy, value_iteration
+from iftune.frozenlake.methods import METHODS, Hyper, intuited_states, loss_fn, reference_terms
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,7 @@ def test_value_iteration_finds_the_six_step_route_on_the_ring():
     assert lake.routes[0] == route and len(lake.routes[1]) - 1 == 10
     # Q*(s, a) = discount^(steps to G after a, under pi*): down is 6 steps in all; right is
     # cheapest undone by stepping back (1 + 1 + 6 steps), not by the 10-step route.
-    assert q[0, 1] == pytest.approx(0.9 ** 5) and q[0, 2] == pytest.approx(0.9 ** 7)
+    assert q[0, 1] == pytest.approx(0.9**5) and q[0, 2] == pytest.approx(0.9**7)
     assert lake.route_actions(route) == [1, 1, 1, 1, 2, 2]
 
 
@@ -170,13 +170,16 @@ def test_sweep_writes_a_robustness_map(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "sweep.png").exists() and "| init | sgd | 0.1 | 3 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("desc, what", [
-    ("SFF/HHH/FFG", "no route"),
-    ("/".join(["SFFFFFFF"] + ["FFFFFFFF"] * 5 + ["FFFFFFHH", "FFFFFFHG"]), "no route"),  # open, G walled off
-    ("SFF/HHF/FFG", "only one route"),
-    ("SFF/FFF/FFG", "more than two routes"),
-    ("SFF/FHF/FFG", "both routes take 4 steps"),
-])
+@pytest.mark.parametrize(
+    "desc, what",
+    [
+        ("SFF/HHH/FFG", "no route"),
+        ("/".join(["SFFFFFFF"] + ["FFFFFFFF"] * 5 + ["FFFFFFHH", "FFFFFFHG"]), "no route"),  # open, G walled off
+        ("SFF/HHF/FFG", "only one route"),
+        ("SFF/FFF/FFG", "more than two routes"),
+        ("SFF/FHF/FFG", "both routes take 4 steps"),
+    ],
+)
 def test_maps_without_exactly_two_routes_are_refused(desc, what, capsys, tmp_path):
     with pytest.raises(UserError, match=what):
         build_lake(parse_map(desc))
@@ -186,13 +189,16 @@ def test_maps_without_exactly_two_routes_are_refused(desc, what, capsys, tmp_pat
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--map", "SFX/FFG"], "unexpected letter"),
-    (["--map", "SF/FFG"], "equal length"),
-    (["--lam", "1.5"], "--lam"),
-    (["--lr", "0"], "--lr"),
-    (["--optimizer", "rmsprop"], "--optimizer"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--map", "SFX/FFG"], "unexpected letter"),
+        (["--map", "SF/FFG"], "equal length"),
+        (["--lam", "1.5"], "--lam"),
+        (["--lr", "0"], "--lr"),
+        (["--optimizer", "rmsprop"], "--optimizer"),
+    ],
+)
 def test_bad_options_are_one_line_errors(argv, field, capsys):
     assert cli.main(["frozenlake", *argv]) == 2
     err = capsys.readouterr().err

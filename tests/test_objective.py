@@ -1,14 +1,14 @@
 """Tests of the IFT objective (`iftune.objective`, `iftune.lm_head`) against its specification,
 docs/objective.md.
 
-Reference values are computed independently here: float64 Python loops written from that page, and the SFT loss from a plain `model(input_ids).logits`. Models are tiny Llamas built from
-a config (nothing is downloaded), in float64 wherever exactness is checked.
+Reference values are computed independently here: float64 Python loops written from that page,
+and the SFT loss from a plain `model(input_ids).logits`. Models are tiny Llamas built from a
+config (nothing is downloaded), in float64 wherever exactness is checked.
 """
 
 from __future__ import annotations
 
 import copy
-
 import itertools
 import math
 import os
@@ -41,9 +41,15 @@ NORMS = ("L1", "L2", "softmax", "log")
 def make_model(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        tie_word_embeddings=tie, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).double()
 
@@ -112,7 +118,7 @@ def loop_relation_weights(logps, mask, gamma, propagation, side, norm) -> torch.
         if norm == "L1":
             w = [[1 / v for v in r] for r in w]
         elif norm == "L2":
-            w = [[1 / v ** 2 for v in r] for r in w]
+            w = [[1 / v**2 for v in r] for r in w]
         elif norm == "log":
             w = [[1 / math.log(v + 1) for v in r] for r in w]
         else:
@@ -127,11 +133,14 @@ def loop_relation_weights(logps, mask, gamma, propagation, side, norm) -> torch.
 def small_case():
     """3 x 5 log-probs: two rows with different masks, one row with no trained token.
     Masked entries hold garbage, which must not matter."""
-    logps = torch.tensor([
-        [-0.3, -2.0, -0.7, -1.1, 7.0],
-        [9.0, -0.05, -3.0, -0.4, -1.6],
-        [-1.0, -1.0, -1.0, -1.0, -1.0],
-    ], dtype=torch.float64)
+    logps = torch.tensor(
+        [
+            [-0.3, -2.0, -0.7, -1.1, 7.0],
+            [9.0, -0.05, -3.0, -0.4, -1.6],
+            [-1.0, -1.0, -1.0, -1.0, -1.0],
+        ],
+        dtype=torch.float64,
+    )
     mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     return logps, mask
 
@@ -340,7 +349,8 @@ def test_gradient_reaches_intuitive_token_rows(model):
 def _record_embedding_calls(model):
     calls = []
     handle = model.get_input_embeddings().register_forward_hook(
-        lambda mod, args, out: calls.append((args[0].clone(), torch.is_grad_enabled())))
+        lambda mod, args, out: calls.append((args[0].clone(), torch.is_grad_enabled()))
+    )
     return calls, handle
 
 
@@ -385,7 +395,8 @@ def test_intuition_pass_keeps_no_graph(model):
     ids, labels = batch()
     seen = []
     handle = model.model.register_forward_hook(
-        lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.last_hidden_state.requires_grad)))
+        lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.last_hidden_state.requires_grad))
+    )
     try:
         out = ift_loss(model, ids, labels)
     finally:
@@ -408,15 +419,17 @@ def test_right_padded_rows_equal_rows_alone(model):
         ids[b, n:] = 0  # padding id
         labels[b, n:] = -100
     full = ift_loss(model, ids, labels, attention, lam=0.3, gamma=0.9)
-    alone = [ift_loss(model, ids[b:b + 1, :n], labels[b:b + 1, :n], lam=0.3, gamma=0.9).loss
-             for b, n in enumerate(lengths)]
+    alone = [
+        ift_loss(model, ids[b : b + 1, :n], labels[b : b + 1, :n], lam=0.3, gamma=0.9).loss
+        for b, n in enumerate(lengths)
+    ]
     assert torch.allclose(full.loss, torch.stack(alone).mean(), rtol=0, atol=1e-10)
     assert int(full.n_sequences) == 3
     # Each row alone but padded gives the same as that row unpadded; pad ids do not matter.
     for b, n in enumerate(lengths[1:], start=1):
-        junk = ids[b:b + 1].clone()
+        junk = ids[b : b + 1].clone()
         junk[0, n:] = 7
-        padded = ift_loss(model, junk, labels[b:b + 1], attention[b:b + 1], lam=0.3, gamma=0.9).loss
+        padded = ift_loss(model, junk, labels[b : b + 1], attention[b : b + 1], lam=0.3, gamma=0.9).loss
         assert torch.allclose(padded, alone[b], rtol=0, atol=1e-10)
 
 
@@ -425,7 +438,7 @@ def test_row_without_tokens_is_skipped(model):
     labels[1] = -100
     out = ift_loss(model, ids, labels)
     assert torch.isfinite(out.loss) and int(out.n_sequences) == 2
-    others = [ift_loss(model, ids[b:b + 1], labels[b:b + 1]).loss for b in (0, 2)]
+    others = [ift_loss(model, ids[b : b + 1], labels[b : b + 1]).loss for b in (0, 2)]
     assert torch.allclose(out.loss, torch.stack(others).mean(), rtol=0, atol=1e-10)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -493,8 +506,10 @@ def test_detach_weights_changes_gradient_not_loss(model):
 def test_tied_model_works():
     model = make_model(tie=True)
     ids, labels = batch()
-    assert abs(ift_loss(model, ids, labels, lam=0.0, gamma=0.0).loss.item()
-               - sft_reference(model, ids, labels).item()) < 1e-6
+    assert (
+        abs(ift_loss(model, ids, labels, lam=0.0, gamma=0.0).loss.item() - sft_reference(model, ids, labels).item())
+        < 1e-6
+    )
 
 
 def _reference_loss(model, table, ids, labels, lam=0.3, gamma=0.9):
@@ -525,8 +540,10 @@ def test_detached_embeddings_train_like_the_reference_over_several_steps():
     """The reference re-copies the live table after every optimizer step and mixes from the copy:
     with tied embeddings the table still trains through the head, so the copy moves."""
     ids, labels = batch(seed=4, b=4, t=12)
-    ours = _train(make_model(tie=True), lambda m, _: ift_loss(
-        m, ids, labels, lam=0.3, gamma=0.9, intuition_embeddings="detached").loss)
+    ours = _train(
+        make_model(tie=True),
+        lambda m, _: ift_loss(m, ids, labels, lam=0.3, gamma=0.9, intuition_embeddings="detached").loss,
+    )
 
     def refreshed(m, _):
         return _reference_loss(m, copy.deepcopy(m.get_input_embeddings()).requires_grad_(False), ids, labels)
@@ -562,10 +579,19 @@ def test_peft_lora_model(model):
     assert all(p.grad is None for n, p in lora.named_parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("option,value", [
-    ("lam", 1.5), ("lam", -0.1), ("gamma", -0.1), ("gamma", 1.01), ("norm", "L3"), ("side", "up"),
-    ("propagation", "x"), ("intuition", "beam"),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("lam", 1.5),
+        ("lam", -0.1),
+        ("gamma", -0.1),
+        ("gamma", 1.01),
+        ("norm", "L3"),
+        ("side", "up"),
+        ("propagation", "x"),
+        ("intuition", "beam"),
+    ],
+)
 def test_bad_options_raise(model, option, value):
     ids, labels = batch()
     with pytest.raises(ValueError, match=option):
@@ -600,8 +626,9 @@ def test_packed_rows_with_attention_mask_are_refused(model):
     attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
     labels[0, 6:] = -100
     plain = ift_loss(model, ids, labels, attention).loss
-    assert torch.allclose(ift_loss(model, ids, labels, attention, position_ids=padded_pos).loss, plain,
-                          rtol=0, atol=1e-12)
+    assert torch.allclose(
+        ift_loss(model, ids, labels, attention, position_ids=padded_pos).loss, plain, rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, conversations
 from datasets import Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import build_model, build_tokenizer, conversations
 from iftune.trainer import IFTConfig, IFTTrainer
 
 LOSS_RTOL, GRAD_RTOL, MIN_COSINE = 1e-2, 0.05, 0.998
@@ -53,10 +53,21 @@ def step(tmp_path, model: torch.nn.Module, bf16: bool, **options) -> tuple[float
     (loss, gradients in float32, greedy predictions of the prepared model's own forward).
     Checks on the way that every logit matmul ran in bf16 with `bf16`, in float32 without."""
     tok = build_tokenizer()
-    args = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to="none", disable_tqdm=True,
-                     per_device_train_batch_size=8, max_steps=1, logging_steps=1, seed=3, **options)
-    trainer = IFTTrainer(model=model, args=args, processing_class=tok,
-                         train_dataset=Dataset.from_list(conversations(8, seed=2)))
+    args = IFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=bf16,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=8,
+        max_steps=1,
+        logging_steps=1,
+        seed=3,
+        **options,
+    )
+    trainer = IFTTrainer(
+        model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(conversations(8, seed=2))
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     prepared = trainer.accelerator.prepare_model(trainer.model)
     prepared.train()

@@ -112,8 +112,16 @@ def fake_runs(shift: dict[str, float], bases: int = 4, seeds: int = 5) -> list[d
         for s in range(seeds):
             sft = rng.random()
             for m, d in shift.items():
-                runs.append({"base": b, "seed": s, "method": m, "exact_match": sft + d,
-                             "step_accuracy": sft + d, "heldout_nll": 2 - sft - d})
+                runs.append(
+                    {
+                        "base": b,
+                        "seed": s,
+                        "method": m,
+                        "exact_match": sft + d,
+                        "step_accuracy": sft + d,
+                        "heldout_nll": 2 - sft - d,
+                    }
+                )
     return runs
 
 
@@ -152,8 +160,14 @@ def test_resume_continues_after_an_interruption(tmp_path, monkeypatch):
         calls.append((base, method, seed))
         if len(calls) == 5:
             raise KeyboardInterrupt
-        result = {"base": base, "seed": seed, "method": method, "exact_match": 0.1 * seed,
-                  "step_accuracy": 0.5, "heldout_nll": 1.0}
+        result = {
+            "base": base,
+            "seed": seed,
+            "method": method,
+            "exact_match": 0.1 * seed,
+            "step_accuracy": 0.5,
+            "heldout_nll": 1.0,
+        }
         save_json(result, run_path(work, base, method, seed))
         return result
 
@@ -179,14 +193,35 @@ def test_quick_study_writes_its_schema(tmp_path, capsys):
     leftover = out_dir / "models" / "base0-sft-seed0" / "stage0"  # an interrupted attempt's folder
     leftover.mkdir(parents=True)
     (leftover / "config.json").write_text("{}")
-    assert study.main(["--quick", "--workers", "1", "--seeds", "1", "--methods", "sft", "dpo", "sft_dpo",
-                       "--output-dir", str(out_dir)]) == 0
+    assert (
+        study.main(
+            [
+                "--quick",
+                "--workers",
+                "1",
+                "--seeds",
+                "1",
+                "--methods",
+                "sft",
+                "dpo",
+                "sft_dpo",
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     out = json.loads((out_dir / "study.json").read_text())
     assert {"settings", "commit", "answer", "bases", "methods", "comparisons", "runs"} <= set(out)
     assert [b["index"] for b in out["bases"]] == [0, 1]
     for base in out["bases"]:
-        assert sum(base["pairs"][k] for k in ("own", "synthetic")) == out["settings"]["steps"] * out["settings"]["batch_size"]
-    assert {(r["base"], r["method"]) for r in out["runs"]} == {(b, m) for b in (0, 1) for m in ("sft", "dpo", "sft_dpo")}
+        assert (
+            sum(base["pairs"][k] for k in ("own", "synthetic"))
+            == out["settings"]["steps"] * out["settings"]["batch_size"]
+        )
+    assert {(r["base"], r["method"]) for r in out["runs"]} == {
+        (b, m) for b in (0, 1) for m in ("sft", "dpo", "sft_dpo")
+    }
     for r in out["runs"]:
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["step_accuracy"] <= 1 and r["heldout_nll"] > 0
         assert (r["pairs"] is None) == (r["method"] == "sft")
@@ -218,8 +253,10 @@ def test_report_only_analyses_the_saved_runs(tmp_path, monkeypatch, capsys):
     for b in (0, 1):
         save_json({"index": b, "path": "x", "pairs": {}, "score": {}}, work / "bases" / f"base{b}.json")
         for m in ("sft", "ift"):
-            save_json({"base": b, "seed": 0, "method": m, "exact_match": 0.5, "step_accuracy": 0.5,
-                       "heldout_nll": 1.0}, run_path(work, b, m, 0))
+            save_json(
+                {"base": b, "seed": 0, "method": m, "exact_match": 0.5, "step_accuracy": 0.5, "heldout_nll": 1.0},
+                run_path(work, b, m, 0),
+            )
     monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("--report-only must not run anything"))
     assert study.main(argv) == 0
     out = json.loads((work / "study.json").read_text())

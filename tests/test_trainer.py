@@ -18,16 +18,27 @@ from iftune.trainer import IFTConfig, IFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train.py"
-CPU = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True,
-           dataloader_num_workers=0, logging_steps=1)
+CPU = dict(
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    logging_steps=1,
+)
 
 
 def make_trainer(tmp_path, model=None, rows=None, **overrides) -> IFTTrainer:
     tok = build_tokenizer()
     model = model if model is not None else build_model(len(tok))
     cfg = {**CPU, "output_dir": str(tmp_path / "out"), "max_steps": 1, **overrides}
-    return IFTTrainer(model=model, args=IFTConfig(**cfg), processing_class=tok,
-                      train_dataset=Dataset.from_list(rows or conversations(8)))
+    return IFTTrainer(
+        model=model,
+        args=IFTConfig(**cfg),
+        processing_class=tok,
+        train_dataset=Dataset.from_list(rows or conversations(8)),
+    )
 
 
 def first_batch(trainer: IFTTrainer) -> dict:
@@ -37,11 +48,24 @@ def first_batch(trainer: IFTTrainer) -> dict:
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("field,value", [("max_lambda", 1.5), ("min_lambda", -0.1), ("gamma", 2.0),
-                                         ("norm", "L3"), ("side", "up"), ("propagation", "x"),
-                                         ("intuition", "beam"), ("lambda_schedule", "cosine"),
-                                         ("intuition_embeddings", "cold"), ("intuition_embeddings", "frozen"), ("intuition_k", 0),
-                                         ("head_chunk_size", 0), ("lm_head", "liger")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_lambda", 1.5),
+        ("min_lambda", -0.1),
+        ("gamma", 2.0),
+        ("norm", "L3"),
+        ("side", "up"),
+        ("propagation", "x"),
+        ("intuition", "beam"),
+        ("lambda_schedule", "cosine"),
+        ("intuition_embeddings", "cold"),
+        ("intuition_embeddings", "frozen"),
+        ("intuition_k", 0),
+        ("head_chunk_size", 0),
+        ("lm_head", "liger"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
@@ -53,11 +77,19 @@ def test_config_refuses_wrapped_packing(tmp_path):
 
 
 def test_lambda_schedule_and_disturbance(tmp_path):
-    cfg = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, min_lambda=0.0, max_lambda=0.4,
-                    lambda_schedule="linear", lambda_warmup_steps=4)
+    cfg = IFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        min_lambda=0.0,
+        max_lambda=0.4,
+        lambda_schedule="linear",
+        lambda_warmup_steps=4,
+    )
     assert [cfg.lambda_at(s) for s in (0, 1, 2, 4, 10)] == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
-    noisy = IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, lambda_disturb="normal",
-                      disturb_std=0.5, seed=3)
+    noisy = IFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, lambda_disturb="normal", disturb_std=0.5, seed=3
+    )
     draws = [noisy.lambda_at(s) for s in range(50)]
     assert draws == [noisy.lambda_at(s) for s in range(50)]  # seeded per step: resumable
     assert len(set(draws)) > 40 and all(0.0 <= d <= 1.0 for d in draws)
@@ -107,7 +139,15 @@ def test_logs_ift_metrics_with_trl_lines(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    for key in ("loss", "sft_loss", "intuitive_nll", "lambda", "intuition_accuracy", "num_input_tokens_seen", "grad_norm"):
+    for key in (
+        "loss",
+        "sft_loss",
+        "intuitive_nll",
+        "lambda",
+        "intuition_accuracy",
+        "num_input_tokens_seen",
+        "grad_norm",
+    ):
         assert key in logs[0], key
     assert logs[0]["lambda"] == pytest.approx(0.2)
 
@@ -128,8 +168,16 @@ def test_sft_loss_is_computed_only_for_logged_steps(tmp_path):
 def _one_update(tmp_path, name, **overrides) -> dict:
     tok = build_tokenizer()
     model = build_model(len(tok)).double()
-    trainer = make_trainer(tmp_path / name, model=model, rows=conversations(8, seed=5), optim="sgd",
-                           learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, **overrides)
+    trainer = make_trainer(
+        tmp_path / name,
+        model=model,
+        rows=conversations(8, seed=5),
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        **overrides,
+    )
     trainer.train()
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -147,8 +195,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def _run(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"),
-           "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        **(env_extra or {}),
+    }
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args[:4]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -156,8 +210,17 @@ def _run(args: list[str], env_extra: dict | None = None, check: bool = True) -> 
 
 
 def _train_args(model_dir, data, out, **extra) -> list[str]:
-    args = {"model_name_or_path": model_dir, "dataset_name": data, "output_dir": out, "use_cpu": "true",
-            "report_to": "none", "disable_tqdm": "true", "logging_steps": "1", "seed": "11", **extra}
+    args = {
+        "model_name_or_path": model_dir,
+        "dataset_name": data,
+        "output_dir": out,
+        "use_cpu": "true",
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "logging_steps": "1",
+        "seed": "11",
+        **extra,
+    }
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -176,15 +239,44 @@ def model64_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, model64_dir, chat_file):
-    common = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0,
-                  dtype="auto", save_strategy="no")
+    common = dict(
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        dtype="auto",
+        save_strategy="no",
+    )
     one = tmp_path / "one"
-    _run([sys.executable, str(SCRIPT), "ift", *_train_args(model64_dir, chat_file, one,
-                                                          per_device_train_batch_size=4, **common)])
+    _run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "ift",
+            *_train_args(model64_dir, chat_file, one, per_device_train_batch_size=4, **common),
+        ]
+    )
     two = tmp_path / "two"
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "ift",
-          *_train_args(model64_dir, chat_file, two, per_device_train_batch_size=2, **common)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(SCRIPT),
+            "ift",
+            *_train_args(model64_dir, chat_file, two, per_device_train_batch_size=2, **common),
+        ]
+    )
     a, b = _weights(one), _weights(two)
     start = load_file(str(model64_dir / "model.safetensors"))
     assert any((a[k] - start[k]).abs().max() > 1e-3 for k in a)
@@ -194,34 +286,63 @@ def test_two_processes_match_one(tmp_path, model64_dir, chat_file):
 
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, chat_file):
-    common = dict(max_steps=4, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                  lambda_schedule="linear", min_lambda=0.05, max_lambda=0.3, lambda_warmup_steps=3,
-                  lambda_disturb="normal", disturb_std=0.3)
+    common = dict(
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        lambda_schedule="linear",
+        min_lambda=0.05,
+        max_lambda=0.3,
+        lambda_warmup_steps=3,
+        lambda_disturb="normal",
+        disturb_std=0.3,
+    )
     full = tmp_path / "full"
     _run([sys.executable, str(SCRIPT), "ift", *_train_args(tiny_model_dir, chat_file, full, **common)])
     cut = tmp_path / "cut"
-    killed = _run([sys.executable, str(SCRIPT), "ift", "--kill_at_step", "2",
-                   *_train_args(tiny_model_dir, chat_file, cut, **common)], check=False)
+    killed = _run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "ift",
+            "--kill_at_step",
+            "2",
+            *_train_args(tiny_model_dir, chat_file, cut, **common),
+        ],
+        check=False,
+    )
     assert killed.returncode == -9 and (cut / "checkpoint-2").is_dir() and not (cut / "model.safetensors").exists()
-    _run([sys.executable, "-m", "iftune.cli", "ift",
-          *_train_args(tiny_model_dir, chat_file, cut, resume_from_checkpoint=cut / "checkpoint-2", **common)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "iftune.cli",
+            "ift",
+            *_train_args(tiny_model_dir, chat_file, cut, resume_from_checkpoint=cut / "checkpoint-2", **common),
+        ]
+    )
     a, b = _weights(full), _weights(cut)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
     # The token count continues from the checkpoint instead of restarting at 0.
-    seen = [json.loads((d / "trainer_state.json").read_text())["log_history"][-1]["num_input_tokens_seen"]
-            for d in (full, cut)]
+    seen = [
+        json.loads((d / "trainer_state.json").read_text())["log_history"][-1]["num_input_tokens_seen"]
+        for d in (full, cut)
+    ]
     assert seen[0] == seen[1] > 0
 
 
 def test_detached_intuition_embeddings_leave_an_untied_input_table_untrained(tmp_path):
     """The reference mixes embeddings without gradient: an untied model's input table never trains."""
+
     def embed_change(mode: str) -> float:
         tok = build_tokenizer()
         model = build_model(len(tok))
         start = model.get_input_embeddings().weight.detach().clone()
-        trainer = make_trainer(tmp_path / mode, model=model, intuition_embeddings=mode, learning_rate=0.1,
-                               per_device_train_batch_size=4)
+        trainer = make_trainer(
+            tmp_path / mode, model=model, intuition_embeddings=mode, learning_rate=0.1, per_device_train_batch_size=4
+        )
         trainer.train()
         return (trainer.model.get_input_embeddings().weight - start).abs().max().item()
 
@@ -232,11 +353,22 @@ def test_detached_intuition_embeddings_leave_an_untied_input_table_untrained(tmp
 def test_sampled_intuition_and_evaluation(tmp_path):
     rows = conversations(8)
     tok = build_tokenizer()
-    trainer = IFTTrainer(model=build_model(len(tok)), processing_class=tok, train_dataset=Dataset.from_list(rows),
-                         eval_dataset=Dataset.from_list(rows[:4]),
-                         args=IFTConfig(**{**CPU, "output_dir": str(tmp_path), "max_steps": 2,
-                                           "intuition": "sample", "intuition_temperature": 0.7,
-                                           "per_device_train_batch_size": 4}))
+    trainer = IFTTrainer(
+        model=build_model(len(tok)),
+        processing_class=tok,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows[:4]),
+        args=IFTConfig(
+            **{
+                **CPU,
+                "output_dir": str(tmp_path),
+                "max_steps": 2,
+                "intuition": "sample",
+                "intuition_temperature": 0.7,
+                "per_device_train_batch_size": 4,
+            }
+        ),
+    )
     trainer.train()
     metrics = trainer.evaluate()
     assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and "eval_sft_loss" in metrics

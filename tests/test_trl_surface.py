@@ -32,17 +32,23 @@ def test_private_trl_and_transformers_names_iftune_relies_on():
     for name in ("_prepare_inputs", "compute_loss_context_manager", "loss_is_scaled_for_ga"):
         assert hasattr(Trainer, name), name
     # Read or set: TRL's metric store, model-card attributes.
-    trainer = IFTTrainer(model=build_model(len(build_tokenizer())), processing_class=build_tokenizer(),
-                         args=IFTConfig(output_dir="unused", **CPU), train_dataset=Dataset.from_list(conversations(2)))
+    trainer = IFTTrainer(
+        model=build_model(len(build_tokenizer())),
+        processing_class=build_tokenizer(),
+        args=IFTConfig(output_dir="unused", **CPU),
+        train_dataset=Dataset.from_list(conversations(2)),
+    )
     assert set(trainer._metrics) == {"train", "eval"}
     for name in ("_tag_names", "_name", "_paper"):
         assert hasattr(SFTTrainer, name), name
     assert "fused_lm_head" in inspect.signature(type(trainer.model).forward).parameters or hasattr(
-        trainer.model, "forward")  # lm_head="trl" passes fused_lm_head=True to the patched forward
+        trainer.model, "forward"
+    )  # lm_head="trl" passes fused_lm_head=True to the patched forward
 
 
-@pytest.mark.parametrize("option", [dict(loss_type="dft"), dict(label_smoothing_factor=0.1),
-                                    dict(router_aux_loss_coef=0.5)])
+@pytest.mark.parametrize(
+    "option", [dict(loss_type="dft"), dict(label_smoothing_factor=0.1), dict(router_aux_loss_coef=0.5)]
+)
 def test_options_the_ift_loss_would_ignore_are_refused(tmp_path, option):
     name = next(iter(option))
     with pytest.raises(UserError, match=name):
@@ -52,14 +58,23 @@ def test_options_the_ift_loss_would_ignore_are_refused(tmp_path, option):
 def test_compute_loss_func_is_refused(tmp_path):
     tok = build_tokenizer()
     with pytest.raises(UserError, match="compute_loss_func"):
-        IFTTrainer(model=build_model(len(tok)), processing_class=tok, args=IFTConfig(output_dir=str(tmp_path), **CPU),
-                   train_dataset=Dataset.from_list(conversations(2)), compute_loss_func=lambda *a, **k: 0)
+        IFTTrainer(
+            model=build_model(len(tok)),
+            processing_class=tok,
+            args=IFTConfig(output_dir=str(tmp_path), **CPU),
+            train_dataset=Dataset.from_list(conversations(2)),
+            compute_loss_func=lambda *a, **k: 0,
+        )
 
 
 def test_fsdp1_is_refused_and_fsdp2_accepted(tmp_path):
     tok = build_tokenizer()
-    trainer = IFTTrainer(model=build_model(len(tok)), processing_class=tok,
-                         args=IFTConfig(output_dir=str(tmp_path), **CPU), train_dataset=Dataset.from_list(conversations(2)))
+    trainer = IFTTrainer(
+        model=build_model(len(tok)),
+        processing_class=tok,
+        args=IFTConfig(output_dir=str(tmp_path), **CPU),
+        train_dataset=Dataset.from_list(conversations(2)),
+    )
     trainer.is_fsdp_enabled = True
     trainer.accelerator.state.fsdp_plugin = SimpleNamespace(fsdp_version=2)
     trainer._check_parallelism()
@@ -69,9 +84,27 @@ def test_fsdp1_is_refused_and_fsdp2_accepted(tmp_path):
 
 
 def _args(model_dir, data, out, *extra):
-    return ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-            "--use_cpu", "true", "--report_to", "none", "--max_steps", "1", "--per_device_train_batch_size", "2",
-            "--save_strategy", "no", "--bf16", "false", *extra]
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        "--bf16",
+        "false",
+        *extra,
+    ]
 
 
 def test_load_in_4bit_reaches_the_model_and_trains(tmp_path, chat_file):
@@ -81,9 +114,25 @@ def test_load_in_4bit_reaches_the_model_and_trains(tmp_path, chat_file):
     tok, model_dir = build_tokenizer(), tmp_path / "m"  # 4-bit blocks need widths of 64 and more
     build_model(len(tok), hidden_size=64, intermediate_size=128).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    trainer = build_trainer("ift", *parse("ift", _args(model_dir, chat_file, tmp_path / "q", "--load_in_4bit",
-                                                       "true", "--use_peft", "--lora_r", "4",
-                                                       "--lora_target_modules", "q_proj", "v_proj")))
+    trainer = build_trainer(
+        "ift",
+        *parse(
+            "ift",
+            _args(
+                model_dir,
+                chat_file,
+                tmp_path / "q",
+                "--load_in_4bit",
+                "true",
+                "--use_peft",
+                "--lora_r",
+                "4",
+                "--lora_target_modules",
+                "q_proj",
+                "v_proj",
+            ),
+        ),
+    )
     four_bit = [m for m in trainer.model.modules() if isinstance(m, Linear4bit)]
     assert four_bit, "the model was loaded in full precision"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -92,7 +141,9 @@ def test_load_in_4bit_reaches_the_model_and_trains(tmp_path, chat_file):
     assert before and any(not torch.equal(before[n], after[n]) for n in before)  # the adapters trained
 
 
-def test_load_in_4bit_without_bitsandbytes_or_peft_is_one_line(tmp_path, tiny_model_dir, chat_file, monkeypatch, capsys):
+def test_load_in_4bit_without_bitsandbytes_or_peft_is_one_line(
+    tmp_path, tiny_model_dir, chat_file, monkeypatch, capsys
+):
     argv = _args(tiny_model_dir, chat_file, tmp_path / "q", "--load_in_4bit", "true")
     assert cli.main(["ift", *argv]) == 2
     assert "--use_peft" in capsys.readouterr().err
@@ -145,12 +196,22 @@ def test_recipes_command_lists_and_resolves(capsys):
 def test_padding_free_collator_keys_reach_both_forwards(tmp_path):
     """cu_seq_lens_*, max_length_* (flash-attention varlen) are passed on, not rebuilt per layer."""
     tok = build_tokenizer()
-    trainer = IFTTrainer(model=build_model(len(tok)), processing_class=tok,
-                         args=IFTConfig(output_dir=str(tmp_path), **CPU), train_dataset=Dataset.from_list(conversations(2)))
+    trainer = IFTTrainer(
+        model=build_model(len(tok)),
+        processing_class=tok,
+        args=IFTConfig(output_dir=str(tmp_path), **CPU),
+        train_dataset=Dataset.from_list(conversations(2)),
+    )
     ids = torch.tensor([[1, 7, 8, 9, 1, 10, 11]])
-    inputs = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]]),
-              "cu_seq_lens_q": torch.tensor([0, 4, 7]), "cu_seq_lens_k": torch.tensor([0, 4, 7]),
-              "max_length_q": 4, "max_length_k": 4}
+    inputs = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]]),
+        "cu_seq_lens_q": torch.tensor([0, 4, 7]),
+        "cu_seq_lens_k": torch.tensor([0, 4, 7]),
+        "max_length_q": 4,
+        "max_length_k": 4,
+    }
     seen = []
     handle = trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
     try:

@@ -48,10 +48,16 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 def agree(ok: bool) -> bool:
     """`ok` on every process: all ranks must agree to stop, or the others would hang."""
     bad = torch.tensor(float(not ok))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.distributed.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         bad = bad.to(device)
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad.item())
@@ -71,15 +77,16 @@ class FiniteGuard(TrainerCallback):
             return
         grads = [local(p.grad) for p in trainable(model) if p.grad is not None]
         if not finite_norm(grads):
-            raise UserError(f"step {state.global_step + 1}: the gradient norm is not finite (inf or NaN); "
-                            f"training stopped before the optimizer step, {ADVICE}")
+            raise UserError(
+                f"step {state.global_step + 1}: the gradient norm is not finite (inf or NaN); "
+                f"training stopped before the optimizer step, {ADVICE}"
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"step {state.global_step}: the logged {key} is {value}; training stopped, "
-                                f"{ADVICE}")
+                raise UserError(f"step {state.global_step}: the logged {key} is {value}; training stopped, {ADVICE}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save:
@@ -91,8 +98,9 @@ class FiniteGuard(TrainerCallback):
     @staticmethod
     def check_weights(model, step: int, when: str) -> None:
         if model is not None and not all_finite([local(p).detach() for p in trainable(model)]):
-            raise UserError(f"step {step}: the model's weights are not finite (inf or NaN) {when}; "
-                            f"training stopped, {ADVICE}")
+            raise UserError(
+                f"step {step}: the model's weights are not finite (inf or NaN) {when}; training stopped, {ADVICE}"
+            )
 
 
 __all__ = ["FiniteGuard", "agree", "all_finite", "finite_norm"]

@@ -35,8 +35,10 @@ def check_values(args) -> None:
         if value < 1:
             raise UserError(f"--{name} {value}: expected an integer >= 1")
     if args.max_steps == 0 or args.max_steps < -1:
-        raise UserError(f"--max_steps {args.max_steps}: expected a number of optimizer steps >= 1, "
-                        f"or -1 (the default) to train for --num_train_epochs")
+        raise UserError(
+            f"--max_steps {args.max_steps}: expected a number of optimizer steps >= 1, "
+            f"or -1 (the default) to train for --num_train_epochs"
+        )
     epochs = args.num_train_epochs
     if args.max_steps < 0 and not (math.isfinite(epochs) and epochs > 0):
         raise UserError(f"--num_train_epochs {epochs}: expected a number > 0 (or give --max_steps)")
@@ -51,11 +53,16 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     if path.is_dir():
         kept = [p.name for p in path.iterdir() if not p.name.startswith(PROBE_PREFIX)]
         if kept and not (overwrite or resuming):
-            resume = ", --resume_from_checkpoint true to continue its run," if any(
-                name.startswith("checkpoint-") for name in kept) else ""
-            raise UserError(f"--output_dir {output_dir}: is not empty (holds {', '.join(sorted(kept)[:3])}"
-                            f"{', ...' if len(kept) > 3 else ''}); choose a new directory{resume} or pass "
-                            f"--overwrite_output_dir true to write over it")
+            resume = (
+                ", --resume_from_checkpoint true to continue its run,"
+                if any(name.startswith("checkpoint-") for name in kept)
+                else ""
+            )
+            raise UserError(
+                f"--output_dir {output_dir}: is not empty (holds {', '.join(sorted(kept)[:3])}"
+                f"{', ...' if len(kept) > 3 else ''}); choose a new directory{resume} or pass "
+                f"--overwrite_output_dir true to write over it"
+            )
         probe_writable(path, output_dir)
         return
     parent = path.absolute().parent
@@ -72,8 +79,9 @@ def probe_writable(directory: Path, flag_value: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=directory))
     except OSError as err:
-        raise UserError(f"--output_dir {flag_value}: cannot write in {directory} ({err.strerror}); "
-                        f"choose a writable directory") from None
+        raise UserError(
+            f"--output_dir {flag_value}: cannot write in {directory} ({err.strerror}); choose a writable directory"
+        ) from None
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -86,15 +94,18 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if resume in TRUE:
         found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
         if found is None:
-            raise UserError(f"--resume_from_checkpoint true: no checkpoint-N directory in --output_dir "
-                            f"{output_dir} to resume from")
+            raise UserError(
+                f"--resume_from_checkpoint true: no checkpoint-N directory in --output_dir {output_dir} to resume from"
+            )
         resume = found
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint: no such checkpoint directory '{resume}'")
     if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint (no trainer_state.json); "
-                        f"expected a checkpoint-N directory saved by a training run")
+        raise UserError(
+            f"--resume_from_checkpoint {resume}: not a checkpoint (no trainer_state.json); "
+            f"expected a checkpoint-N directory saved by a training run"
+        )
     check_weight_files(path, "--resume_from_checkpoint")
     return str(path)
 
@@ -123,8 +134,11 @@ def safetensors_problem(file: Path) -> str | None:
             header = json.loads(fh.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return "not a safetensors file (unreadable header)"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
-            and len(t.get("data_offsets", ())) == 2]
+    ends = [
+        t["data_offsets"][1]
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+    ]
     expected = 8 + length + max(ends, default=0)
     if size < expected:
         return f"truncated ({size} of {expected} bytes)"
@@ -162,8 +176,13 @@ def check_against_model(config, args) -> None:
         raise UserError(f"--intuition_k {k}: larger than the model's vocabulary ({vocab} tokens)")
     limit, length = max_positions(config), getattr(args, "max_length", None)
     if limit and length and length > limit:
-        logger.warning("--max_length %d is larger than the model's maximum positions (%d): sequences "
-                       "longer than %d may give poor results", length, limit, limit)
+        logger.warning(
+            "--max_length %d is larger than the model's maximum positions (%d): sequences "
+            "longer than %d may give poor results",
+            length,
+            limit,
+            limit,
+        )
 
 
 def check_run(method: str, script_args, training_args, model_args) -> str | None:
@@ -176,12 +195,22 @@ def check_run(method: str, script_args, training_args, model_args) -> str | None
     name = model_args.model_name_or_path
     if name and Path(name).is_dir():
         check_weight_files(Path(name), "--model_name_or_path")
-    config = model_config(name, model_args.model_revision,
-                          getattr(training_args, "trust_remote_code", False)) if name else None
+    config = (
+        model_config(name, model_args.model_revision, getattr(training_args, "trust_remote_code", False))
+        if name
+        else None
+    )
     if config is not None:
         check_against_model(config, training_args)
     return checkpoint
 
 
-__all__ = ["check_against_model", "check_output_dir", "check_run", "check_values",
-           "check_weight_files", "resolve_resume", "safetensors_problem"]
+__all__ = [
+    "check_against_model",
+    "check_output_dir",
+    "check_run",
+    "check_values",
+    "check_weight_files",
+    "resolve_resume",
+    "safetensors_problem",
+]

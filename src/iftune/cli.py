@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv:
         name = "demo"
-        print("iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
-              "train your own model with `iftune ift --model_name_or_path M --dataset_name D`.")
+        print(
+            "iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
+            "train your own model with `iftune ift --model_name_or_path M --dataset_name D`."
+        )
     else:
         name, argv = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"iftune: unknown command '{name}'; expected one of: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(f"iftune: unknown command '{name}'; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
     if name not in TRAINING:

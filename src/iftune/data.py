@@ -55,8 +55,9 @@ def load_source(source: str, split: str = "train", config: str | None = None) ->
     try:
         return load_dataset(source, name=config, split=split)
     except Exception as err:
-        raise UserError(f"dataset '{source}' could not be loaded: not a local path, and the hub gave: "
-                        f"{_first_line(err)}") from None
+        raise UserError(
+            f"dataset '{source}' could not be loaded: not a local path, and the hub gave: {_first_line(err)}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -85,9 +86,10 @@ def check_utf8(path: Path, block: int = 1 << 24) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                line = lines + err.object[:err.start].count(b"\n") + 1
-                raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
-                                f"save the file as UTF-8") from None
+                line = lines + err.object[: err.start].count(b"\n") + 1
+                raise UserError(
+                    f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as UTF-8"
+                ) from None
             lines += chunk.count(b"\n")
     try:
         decoder.decode(b"", final=True)
@@ -150,13 +152,16 @@ def check_field(row: dict, key: str, where: str) -> None:
     if isinstance(value, str):
         return
     if not (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
-        raise UserError(f"{where}: field '{key}' must be a string or a list of {{role, content}} messages, "
-                        f"got {_kind(value)}")
+        raise UserError(
+            f"{where}: field '{key}' must be a string or a list of {{role, content}} messages, got {_kind(value)}"
+        )
     for number, message in enumerate(value, 1):
         for part in ("role", "content"):
             if not isinstance(message.get(part), str):
-                raise UserError(f"{where}: field '{key}', message {number}: '{part}' must be a string, "
-                                f"got {_kind(message.get(part)) if part in message else 'nothing'}")
+                raise UserError(
+                    f"{where}: field '{key}', message {number}: '{part}' must be a string, "
+                    f"got {_kind(message.get(part)) if part in message else 'nothing'}"
+                )
 
 
 def _empty(value: Any) -> bool:
@@ -196,8 +201,10 @@ def to_sft_row(row: dict, where: str) -> dict:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise UserError(f"{where}: field 'text' must be a non-empty string, got {_kind(row['text'])}")
         return {"text": row["text"]}
-    raise UserError(f"{where}: no training fields; expected 'messages', 'prompt'+'completion', "
-                    f"'prompt'+'chosen'(+'rejected') or 'text', got {sorted(row)}")
+    raise UserError(
+        f"{where}: no training fields; expected 'messages', 'prompt'+'completion', "
+        f"'prompt'+'chosen'(+'rejected') or 'text', got {sorted(row)}"
+    )
 
 
 def to_preference_row(row: dict, where: str) -> dict:
@@ -221,8 +228,9 @@ def _convert(row: dict, index: int, convert: Callable[[dict, str], dict], name: 
     """`Dataset.map` function: row `index` in the method's format, with the same fields as row 1."""
     out = convert(row, f"{name}: row {index + 1}")
     if sorted(out) != keys:
-        raise UserError(f"{name}: row {index + 1} has fields {sorted(out)} but row 1 has {keys}; "
-                        f"use one format per dataset")
+        raise UserError(
+            f"{name}: row {index + 1} has fields {sorted(out)} but row 1 has {keys}; use one format per dataset"
+        )
     return out
 
 
@@ -236,9 +244,13 @@ def prepare(dataset: Dataset, method: str, name: str) -> Dataset:
         raise UserError(f"{name}: the dataset is empty")
     convert = to_preference_row if method in PREFERENCE_METHODS else to_sft_row
     keys = sorted(convert(dataset[0], f"{name}: row 1"))
-    return dataset.map(_convert, with_indices=True, remove_columns=dataset.column_names,
-                       fn_kwargs={"convert": convert, "name": name, "keys": keys},
-                       desc=f"Checking {Path(name).name}")
+    return dataset.map(
+        _convert,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"convert": convert, "name": name, "keys": keys},
+        desc=f"Checking {Path(name).name}",
+    )
 
 
 def load_training_data(
@@ -255,7 +267,9 @@ def load_training_data(
     splits = [split] if isinstance(split, str) else list(split)
     for name, values in (("dataset_num_samples", counts), ("dataset_train_split", splits)):
         if len(values) > 1 and len(values) != len(sources):
-            raise UserError(f"{name} has {len(values)} values for {len(sources)} datasets; give one, or one per dataset")
+            raise UserError(
+                f"{name} has {len(values)} values for {len(sources)} datasets; give one, or one per dataset"
+            )
     parts = []
     # The first process of each machine loads and converts; the others then read its cache.
     with PartialState().local_main_process_first():
@@ -275,5 +289,13 @@ def load_training_data(
     return mixed
 
 
-__all__ = ["check_field", "check_utf8", "diagnose_json", "load_source", "load_training_data", "prepare",
-           "to_preference_row", "to_sft_row"]
+__all__ = [
+    "check_field",
+    "check_utf8",
+    "diagnose_json",
+    "load_source",
+    "load_training_data",
+    "prepare",
+    "to_preference_row",
+    "to_sft_row",
+]

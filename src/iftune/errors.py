@@ -28,6 +28,8 @@ def check_unit(name: str, value: float) -> None:
 def usage_error(method: str) -> Callable[[str], NoReturn]:
     """A replacement for `ArgumentParser.error`: one line naming the flag and what it expected
     (`argument --learning_rate: invalid float value: 'abc'`) instead of the 160-line usage."""
+
     def error(message: str) -> NoReturn:
         raise UserError(f"{message} (`iftune {method} --help` lists the options)")
+
     return error

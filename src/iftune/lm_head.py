@@ -95,6 +95,7 @@ def intuition_from_hidden(
     None without `with_logp` (the log-sum-exp over the vocabulary is most of the head's cost
     beyond its matmul). One call of `head` whatever the number of positions.
     """
+
     def run(forward, flat, tgt):
         n = tgt.numel()
         preds = torch.empty(n, dtype=torch.long, device=flat.device)
@@ -119,8 +120,9 @@ def intuition_from_hidden(
     return preds.view(shape), (logp.view(shape) if with_logp else None)
 
 
-def _token_logp(forward: Callable, hidden: torch.Tensor, targets: torch.Tensor,
-                scale: float, softcap: float | None) -> torch.Tensor:
+def _token_logp(
+    forward: Callable, hidden: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
     logits = _logits(forward, hidden, scale, softcap)
     logits = logits.to(_acc_dtype(logits.dtype))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -186,6 +188,7 @@ def token_logprobs(
     keeps peak memory at one chunk of logits; `chunk_size=None` picks ~128 MiB chunks. One
     call of `head` whatever the number of positions, under the caller's autocast.
     """
+
     def run(forward, flat, tgt):
         n = tgt.numel()
         size = chunk_size or chunk_positions(vocab_size(head))
@@ -196,11 +199,15 @@ def token_logprobs(
             parts = [_token_logp(forward, flat[sl], tgt[sl], scale, softcap) for sl in _chunks(n, size)]
         elif _fused_chunks_ok(head, softcap):
             dtype = _autocast_dtype(flat.device)
-            parts = [_LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale), dtype)
-                     for sl in _chunks(n, size)]
+            parts = [
+                _LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale), dtype)
+                for sl in _chunks(n, size)
+            ]
         else:
-            parts = [checkpoint(_token_logp, forward, flat[sl], tgt[sl], scale, softcap, use_reentrant=False)
-                     for sl in _chunks(n, size)]
+            parts = [
+                checkpoint(_token_logp, forward, flat[sl], tgt[sl], scale, softcap, use_reentrant=False)
+                for sl in _chunks(n, size)
+            ]
         return torch.cat(parts)
 
     shape, n = targets.shape, targets.numel()

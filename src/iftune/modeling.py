@@ -21,7 +21,9 @@ IGNORE_INDEX = -100
 FORWARD_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def trained_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def trained_targets(
+    labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, mask), both (B, T-1): the next token at each position and whether it is
     trained. With packing, a document's first token is never predicted from the previous one."""
     targets = labels[:, 1:]
@@ -49,8 +51,14 @@ def trained_logprobs(
     with record_function("ift.training_forward"):
         hidden = hidden_states(model, attention_mask, position_ids, **inputs)
     with record_function("ift.training_head"):
-        picked = token_logprobs(hidden[:, :-1][mask], base.get_output_embeddings(), targets[mask],
-                                scale=scale, softcap=softcap, chunk_size=head_chunk_size)
+        picked = token_logprobs(
+            hidden[:, :-1][mask],
+            base.get_output_embeddings(),
+            targets[mask],
+            scale=scale,
+            softcap=softcap,
+            chunk_size=head_chunk_size,
+        )
     return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
 
 
@@ -97,8 +105,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def hidden_states(model: nn.Module, attention_mask: torch.Tensor | None = None,
-                  position_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+def hidden_states(
+    model: nn.Module,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **inputs: Any,
+) -> torch.Tensor:
     """(B, T, H) final (normed) hidden states from one call of the model's own forward.
 
     Through the (wrapped) forward, so that DDP, FSDP, PEFT, accelerate's autocast and gradient

@@ -44,9 +44,16 @@ EMBEDDINGS = ("live", "detached")
 _RIGHT_FILL = 1e6
 
 
-def check_options(gamma: float = 0.95, propagation: str = "loss", side: str = "left", norm: str = "L1",
-                  intuition: str = "greedy", intuition_k: int = 1, intuition_temperature: float = 1.0,
-                  intuition_embeddings: str = "live") -> None:
+def check_options(
+    gamma: float = 0.95,
+    propagation: str = "loss",
+    side: str = "left",
+    norm: str = "L1",
+    intuition: str = "greedy",
+    intuition_k: int = 1,
+    intuition_temperature: float = 1.0,
+    intuition_embeddings: str = "live",
+) -> None:
     """Raise `UserError` naming the first option of the objective that is out of range."""
     check_unit("gamma", gamma)
     check_choice("propagation", propagation, PROPAGATIONS)
@@ -54,8 +61,10 @@ def check_options(gamma: float = 0.95, propagation: str = "loss", side: str = "l
     check_choice("norm", norm, NORMS)
     check_choice("intuition", intuition, INTUITIONS)
     if intuition_embeddings == "frozen":
-        raise UserError("intuition_embeddings='frozen' was removed: the reference code mixes the *current* "
-                        "table without gradient, which is intuition_embeddings='detached'")
+        raise UserError(
+            "intuition_embeddings='frozen' was removed: the reference code mixes the *current* "
+            "table without gradient, which is intuition_embeddings='detached'"
+        )
     check_choice("intuition_embeddings", intuition_embeddings, EMBEDDINGS)
     if int(intuition_k) < 1:
         raise UserError(f"intuition_k={intuition_k!r} is not valid; expected an integer >= 1")
@@ -100,8 +109,13 @@ def mix_embeddings(embeds: torch.Tensor, intuitive_embeds: torch.Tensor, lam: fl
     return (1 - lam) * embeds + lam * intuitive_embeds
 
 
-def mixed_inputs(table: nn.Module, input_ids: torch.Tensor, intuitive_ids: torch.Tensor,
-                 lam: float | torch.Tensor, detached: bool = False) -> torch.Tensor:
+def mixed_inputs(
+    table: nn.Module,
+    input_ids: torch.Tensor,
+    intuitive_ids: torch.Tensor,
+    lam: float | torch.Tensor,
+    detached: bool = False,
+) -> torch.Tensor:
     """Eq. 17 over a batch: (B, T, H) inputs embeddings from two lookups of the whole batch.
 
     Where the intuitive token equals the input the result is E[input] exactly. Always two calls
@@ -189,16 +203,20 @@ def relation_weights(
     item = torch.where(m > 0, item, torch.zeros_like(item))
     if side == "left":
         w = discounted_cumsum(item, gamma, reverse=True) * m
-        w = {"L1": lambda v: v, "L2": torch.square, "softmax": lambda v: torch.softmax(v, -1),
-             "log": torch.log1p}[norm](w)
+        w = {"L1": lambda v: v, "L2": torch.square, "softmax": lambda v: torch.softmax(v, -1), "log": torch.log1p}[
+            norm
+        ](w)
     else:
         w = discounted_cumsum(item, gamma)
         w = torch.where(m > 0, w, torch.full_like(w, _RIGHT_FILL))
         nonzero = torch.where(w != 0, w, torch.full_like(w, math.inf)).min()
         w = w + torch.where(torch.isfinite(nonzero), nonzero, torch.zeros_like(nonzero))
-        w = {"L1": torch.reciprocal, "L2": lambda v: v.square().reciprocal(),
-             "softmax": lambda v: torch.softmax(v.reciprocal(), -1),
-             "log": lambda v: torch.log1p(v).reciprocal()}[norm](w)
+        w = {
+            "L1": torch.reciprocal,
+            "L2": lambda v: v.square().reciprocal(),
+            "softmax": lambda v: torch.softmax(v.reciprocal(), -1),
+            "log": lambda v: torch.log1p(v).reciprocal(),
+        }[norm](w)
     w = w * m
     total = w.sum(-1, keepdim=True)
     # A row whose weights all vanish (e.g. every log-prob is exactly 0) falls back to uniform.
@@ -285,8 +303,7 @@ def ift_loss(
     """
     if not torch.is_tensor(lam):
         check_unit("lam", lam)
-    check_options(gamma, propagation, side, norm, intuition, intuition_k, intuition_temperature,
-                  intuition_embeddings)
+    check_options(gamma, propagation, side, norm, intuition, intuition_k, intuition_temperature, intuition_embeddings)
     unknown = sorted(set(forward_kwargs) - set(FORWARD_KEYS))
     if unknown:  # a misspelled option would otherwise reach the model and be ignored
         raise TypeError(f"ift_loss got unexpected keyword arguments {unknown}; forward keywords are {FORWARD_KEYS}")
@@ -295,8 +312,10 @@ def ift_loss(
         position_ids = position_ids.expand_as(input_ids)
         if attention_mask is not None and ((position_ids[:, 1:] == 0) & (attention_mask[:, 1:] != 0)).any():
             # Transformers separates packed documents only when no attention mask is given.
-            raise UserError("attention_mask must be None for packed rows (position_ids restarting at 0): "
-                            "with a mask the model attends across documents")
+            raise UserError(
+                "attention_mask must be None for packed rows (position_ids restarting at 0): "
+                "with a mask the model attends across documents"
+            )
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     if intuition == "rank" and int(intuition_k) > vocab_size(head):
@@ -313,20 +332,38 @@ def ift_loss(
         with record_function("ift.intuition_head"):
             # The head runs only where a target is trained: prompts and padding cost no logits.
             picked, tf_picked = intuition_from_hidden(
-                hidden[:, :-1][mask], head, targets[mask], intuition=intuition, k=int(intuition_k),
-                temperature=float(intuition_temperature), generator=generator, with_logp=with_sft_loss,
-                scale=scale, softcap=softcap, chunk_size=head_chunk_size)
+                hidden[:, :-1][mask],
+                head,
+                targets[mask],
+                intuition=intuition,
+                k=int(intuition_k),
+                temperature=float(intuition_temperature),
+                generator=generator,
+                with_logp=with_sft_loss,
+                scale=scale,
+                softcap=softcap,
+                chunk_size=head_chunk_size,
+            )
         del hidden
         preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
     # Steps 2-3: intuitive tokens and the temporal residual connection (eq. 17).
     with record_function("ift.mix"):
         intuitive_ids = intuitive_tokens(input_ids, labels, preds, position_ids)
-        x = mixed_inputs(base.get_input_embeddings(), input_ids, intuitive_ids, lam,
-                         detached=intuition_embeddings == "detached")
+        x = mixed_inputs(
+            base.get_input_embeddings(), input_ids, intuitive_ids, lam, detached=intuition_embeddings == "detached"
+        )
     # Step 4: training pass.
     if train_logprobs is None:
-        logp = trained_logprobs(model, targets, mask, attention_mask, position_ids,
-                                head_chunk_size=head_chunk_size, inputs_embeds=x, **forward_kwargs)
+        logp = trained_logprobs(
+            model,
+            targets,
+            mask,
+            attention_mask,
+            position_ids,
+            head_chunk_size=head_chunk_size,
+            inputs_embeds=x,
+            **forward_kwargs,
+        )
     else:
         trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
         logp = train_logprobs(x, trained)
@@ -351,17 +388,24 @@ def ift_loss(
         nll = ((-logp_d.detach()).sum(-1) / denom).sum() / n_seq.clamp_min(1)
         n_tok = mask.sum()
         acc = (picked == targets[mask]).sum().to(torch.float32) / n_tok.clamp_min(1)
-    return IFTOutput(loss=loss, sft_loss=sft, intuitive_nll=nll, intuition_accuracy=acc,
-                     n_tokens=n_tok, loss_sum=loss_sum, n_sequences=n_seq)
+    return IFTOutput(
+        loss=loss,
+        sft_loss=sft,
+        intuitive_nll=nll,
+        intuition_accuracy=acc,
+        n_tokens=n_tok,
+        loss_sum=loss_sum,
+        n_sequences=n_seq,
+    )
 
 
 __all__ = [
     "EMBEDDINGS",
     "INTUITIONS",
-    "IFTOutput",
     "NORMS",
     "PROPAGATIONS",
     "SIDES",
+    "IFTOutput",
     "check_options",
     "discounted_cumsum",
     "ift_loss",

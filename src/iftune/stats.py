@@ -41,8 +41,9 @@ def paired(a: Sequence[float], b: Sequence[float], lower_is_better: bool = False
     return {"mean_diff": mean, "std": sd, "win_rate": win, "t": t}
 
 
-def hierarchical_bootstrap(groups: Mapping[Hashable, Sequence[float]], n_boot: int = 10000,
-                           level: float = 0.95, seed: int = 0) -> dict:
+def hierarchical_bootstrap(
+    groups: Mapping[Hashable, Sequence[float]], n_boot: int = 10000, level: float = 0.95, seed: int = 0
+) -> dict:
     """Mean of `groups` (e.g. base -> per-seed paired differences) with a percentile interval that
     counts both levels of variation: each replicate draws the groups with replacement, then within
     each drawn group its values with replacement, and averages the group means (every group
@@ -60,5 +61,11 @@ def hierarchical_bootstrap(groups: Mapping[Hashable, Sequence[float]], n_boot: i
     tail = (1 - level) / 2
     low = reps[math.floor(tail * (n_boot - 1))]
     high = reps[math.ceil((1 - tail) * (n_boot - 1))]
-    return {"mean": sum(sum(c) / len(c) for c in cells) / len(cells), "low": low, "high": high,
-            "level": level, "n_groups": len(cells), "n_values": sum(map(len, cells))}
+    return {
+        "mean": sum(sum(c) / len(c) for c in cells) / len(cells),
+        "low": low,
+        "high": high,
+        "level": level,
+        "n_groups": len(cells),
+        "n_values": sum(map(len, cells)),
+    }

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iftune.checks import check_run
 from iftune.arguments import check_config, describe
+from iftune.checks import check_run
 from iftune.errors import UserError, usage_error
 
 logger = logging.getLogger("iftune")
@@ -29,22 +29,28 @@ class DataArguments:
 
     dataset_name: list[str] = field(
         default_factory=list,
-        metadata={"help": "Hub id(s) or local .jsonl/.json/.parquet file(s) or folder(s); several make a mixture."})
+        metadata={"help": "Hub id(s) or local .jsonl/.json/.parquet file(s) or folder(s); several make a mixture."},
+    )
     dataset_num_samples: list[int] = field(
         default_factory=list,
-        metadata={"help": "Rows to draw from each dataset_name, in order (-1 = all), e.g. -1 60000."})
+        metadata={"help": "Rows to draw from each dataset_name, in order (-1 = all), e.g. -1 60000."},
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: list[str] = field(
         default_factory=lambda: ["train"],
-        metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."})
+        metadata={"help": "Split to train on: one for all datasets, or one per dataset_name."},
+    )
     eval_dataset_name: list[str] = field(
         default_factory=list,
-        metadata={"help": "Evaluation data, as dataset_name (used with --eval_strategy steps|epoch)."})
+        metadata={"help": "Evaluation data, as dataset_name (used with --eval_strategy steps|epoch)."},
+    )
     dataset_test_split: list[str] = field(
         default_factory=lambda: ["test"],
-        metadata={"help": "Split of eval_dataset_name to evaluate on: one for all, or one per dataset."})
+        metadata={"help": "Split of eval_dataset_name to evaluate on: one for all, or one per dataset."},
+    )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its files may be replaced)."})
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its files may be replaced)."}
+    )
 
 
 @dataclass
@@ -52,7 +58,8 @@ class PreferenceDataArguments(DataArguments):
     """DPO and ORPO configs have no `chat_template_path` (SFTConfig does): the command adds it."""
 
     chat_template_path: str | None = field(
-        default=None, metadata={"help": "A .jinja chat template to give the tokenizer (e.g. for a base model)."})
+        default=None, metadata={"help": "A .jinja chat template to give the tokenizer (e.g. for a base model)."}
+    )
 
 
 def trainer_classes(method: str) -> tuple[type, type]:
@@ -148,8 +155,9 @@ def load_tokenizer(model_args, trust_remote_code: bool = False):
     if not name:
         raise UserError("--model_name_or_path is required (a hub id or a local directory)")
     try:
-        return AutoTokenizer.from_pretrained(name, revision=model_args.model_revision,
-                                             trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         where = "no such local directory, and" if not Path(name).exists() else "the directory is not a model:"
         raise UserError(f"model '{name}' could not be loaded ({where} {str(err).splitlines()[0]})") from None
@@ -195,13 +203,17 @@ def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -
     `{% generation %}` markers (TRL takes the assistant mask from them)."""
     template = tokenizer.chat_template
     if not template:
-        raise UserError(f"model '{model_name}': the tokenizer has no chat template, which conversational data "
-                        f"needs; give one with --chat_template_path FILE.jinja (iftune ships one: "
-                        f"`iftune recipes chat_templates/zephyr.jinja`)")
+        raise UserError(
+            f"model '{model_name}': the tokenizer has no chat template, which conversational data "
+            f"needs; give one with --chat_template_path FILE.jinja (iftune ships one: "
+            f"`iftune recipes chat_templates/zephyr.jinja`)"
+        )
     if assistant_only_loss and "generation" not in str(template):
-        raise UserError(f"model '{model_name}': its chat template has no {{% generation %}} markers, which "
-                        f"--assistant_only_loss needs; give a template with them (--chat_template_path, e.g. "
-                        f"`iftune recipes chat_templates/zephyr.jinja`) or set --assistant_only_loss false")
+        raise UserError(
+            f"model '{model_name}': its chat template has no {{% generation %}} markers, which "
+            f"--assistant_only_loss needs; give a template with them (--chat_template_path, e.g. "
+            f"`iftune recipes chat_templates/zephyr.jinja`) or set --assistant_only_loss false"
+        )
 
 
 def warn_pure_bf16(model_args, training_args) -> None:
@@ -209,13 +221,24 @@ def warn_pure_bf16(model_args, training_args) -> None:
     from accelerate.utils import parse_flag_from_env
 
     # FSDP2 and ZeRO-3 keep fp32 master weights, chosen by flags or by accelerate's config (env).
-    sharded = (bool(getattr(training_args, "fsdp", None)) or getattr(training_args, "deepspeed", None) is not None
-               or parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
-    if model_args.dtype == "bfloat16" and not sharded and not model_args.use_peft and training_args.learning_rate < 1e-4:
-        logger.warning("bf16 weights without fp32 master weights: at learning_rate=%g most of each update is below "
-                       "bf16's resolution (2^-8 of the weight) and rounds away; use --dtype float32 with --bf16 true, "
-                       "or FSDP2/ZeRO-3 (which keep fp32 master weights). See docs/distributed.md.",
-                       training_args.learning_rate)
+    sharded = (
+        bool(getattr(training_args, "fsdp", None))
+        or getattr(training_args, "deepspeed", None) is not None
+        or parse_flag_from_env("ACCELERATE_USE_FSDP")
+        or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    )
+    if (
+        model_args.dtype == "bfloat16"
+        and not sharded
+        and not model_args.use_peft
+        and training_args.learning_rate < 1e-4
+    ):
+        logger.warning(
+            "bf16 weights without fp32 master weights: at learning_rate=%g most of each update is below "
+            "bf16's resolution (2^-8 of the weight) and rounds away; use --dtype float32 with --bf16 true, "
+            "or FSDP2/ZeRO-3 (which keep fp32 master weights). See docs/distributed.md.",
+            training_args.learning_rate,
+        )
 
 
 def build_trainer(method: str, data_args: DataArguments, training_args, model_args):
@@ -227,15 +250,28 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     if not data_args.dataset_name:
         raise UserError("--dataset_name is required (a hub id or a local .jsonl/.json/.parquet file)")
     tokenizer = load_tokenizer(model_args, getattr(training_args, "trust_remote_code", False))
-    dataset = load_training_data(data_args.dataset_name, method, data_args.dataset_num_samples,
-                                 data_args.dataset_train_split, data_args.dataset_config, training_args.seed)
+    dataset = load_training_data(
+        data_args.dataset_name,
+        method,
+        data_args.dataset_num_samples,
+        data_args.dataset_train_split,
+        data_args.dataset_config,
+        training_args.seed,
+    )
     eval_dataset = None
     if data_args.eval_dataset_name:
-        eval_dataset = load_training_data(data_args.eval_dataset_name, method, None, data_args.dataset_test_split,
-                                          data_args.dataset_config, training_args.seed)
+        eval_dataset = load_training_data(
+            data_args.eval_dataset_name,
+            method,
+            None,
+            data_args.dataset_test_split,
+            data_args.dataset_config,
+            training_args.seed,
+        )
     elif training_args.eval_strategy != "no":
-        raise UserError(f"--eval_strategy {training_args.eval_strategy}: give the evaluation data with "
-                        f"--eval_dataset_name")
+        raise UserError(
+            f"--eval_strategy {training_args.eval_strategy}: give the evaluation data with --eval_dataset_name"
+        )
     if method in ("dpo", "orpo"):
         apply_chat_template_path(tokenizer, data_args.chat_template_path)
     else:
@@ -266,13 +302,19 @@ def report_dropped(trainer, n_rows: int, method: str, training_args) -> None:
     that would train on nothing."""
     kept = len(trainer.train_dataset)
     if kept == 0:  # DPO and ORPO drop such rows too
-        raise UserError(f"--max_length {training_args.max_length}: every one of the {n_rows} training rows has no "
-                        f"trained token left after truncation; raise --max_length")
+        raise UserError(
+            f"--max_length {training_args.max_length}: every one of the {n_rows} training rows has no "
+            f"trained token left after truncation; raise --max_length"
+        )
     if getattr(training_args, "packing", False) or method not in ("sft", "ift"):
         return
     if kept < n_rows:
-        logger.warning("training data: dropped %d of %d rows that have no trained token after truncation "
-                       "(max_length=%s)", n_rows - kept, n_rows, training_args.max_length)
+        logger.warning(
+            "training data: dropped %d of %d rows that have no trained token after truncation (max_length=%s)",
+            n_rows - kept,
+            n_rows,
+            training_args.max_length,
+        )
 
 
 def train(method: str, script_args: DataArguments, training_args, model_args):
@@ -325,5 +367,15 @@ def main_orpo(argv: list[str]) -> int:
     return run("orpo", argv)
 
 
-__all__ = ["DataArguments", "METHODS", "PreferenceDataArguments", "build_trainer", "make_parser", "parse", "recipe_path", "run", "train",
-           "trainer_classes"]
+__all__ = [
+    "METHODS",
+    "DataArguments",
+    "PreferenceDataArguments",
+    "build_trainer",
+    "make_parser",
+    "parse",
+    "recipe_path",
+    "run",
+    "train",
+    "trainer_classes",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from trl import SFTConfig, SFTTrainer
@@ -38,55 +38,105 @@ class IFTConfig(SFTConfig):
     min_lambda: float = field(default=0.2, metadata={"help": "Eq. 17: lam at the start of the `linear` schedule."})
     max_lambda: float = field(
         default=0.2,
-        metadata={"help": "Eq. 17: weight lam of the model's own intuition in the temporal residual "
-                          "connection x = (1-lam) E[s_i] + lam E[pi(s_{i-1})]; used as is without a schedule."})
+        metadata={
+            "help": "Eq. 17: weight lam of the model's own intuition in the temporal residual "
+            "connection x = (1-lam) E[s_i] + lam E[pi(s_{i-1})]; used as is without a schedule."
+        },
+    )
     lambda_schedule: str | None = field(
-        default=None, metadata={"help": "Eq. 17: None (constant max_lambda) or 'linear' (min -> max over "
-                                        "lambda_warmup_steps optimizer steps)."})
+        default=None,
+        metadata={
+            "help": "Eq. 17: None (constant max_lambda) or 'linear' (min -> max over "
+            "lambda_warmup_steps optimizer steps)."
+        },
+    )
     lambda_warmup_steps: int = field(default=0, metadata={"help": "Eq. 17: steps of the linear lam schedule."})
     lambda_disturb: str | None = field(
-        default=None, metadata={"help": "Eq. 17: None or 'normal': lam <- lam + eps*disturb_std*lam, eps~N(0,1) "
-                                        "seeded per step, clamped to [0, 1]."})
+        default=None,
+        metadata={
+            "help": "Eq. 17: None or 'normal': lam <- lam + eps*disturb_std*lam, eps~N(0,1) "
+            "seeded per step, clamped to [0, 1]."
+        },
+    )
     disturb_std: float = field(default=0.1, metadata={"help": "Eq. 17: relative std of the lam disturbance."})
     gamma: float = field(
-        default=0.95, metadata={"help": "Eq. 22 (with the Bellman decay of eq. 23): discount of dynamic relation "
-                                        "propagation; 0 disables it."})
+        default=0.95,
+        metadata={
+            "help": "Eq. 22 (with the Bellman decay of eq. 23): discount of dynamic relation "
+            "propagation; 0 disables it."
+        },
+    )
     propagation: str = field(
-        default="loss", metadata={"help": "Eq. 22: what is propagated: 'loss' (-logp/n), 'logps' (-logp) or "
-                                          "'mask' (token counting, eq. 22 read literally)."})
-    side: str = field(default="left", metadata={"help": "Eq. 22: 'left' (a token weighs what it influences later) "
-                                                        "or 'right' (the reference code's inverse variant)."})
+        default="loss",
+        metadata={
+            "help": "Eq. 22: what is propagated: 'loss' (-logp/n), 'logps' (-logp) or "
+            "'mask' (token counting, eq. 22 read literally)."
+        },
+    )
+    side: str = field(
+        default="left",
+        metadata={
+            "help": "Eq. 22: 'left' (a token weighs what it influences later) "
+            "or 'right' (the reference code's inverse variant)."
+        },
+    )
     norm: str = field(default="L1", metadata={"help": "Eq. 22: weight transform: 'L1', 'L2', 'softmax' or 'log'."})
     intuition: str = field(
-        default="greedy", metadata={"help": "Eq. 17: how pi(s_{i-1}) is chosen: 'greedy', 'rank' (k-th most "
-                                            "likely) or 'sample'."})
+        default="greedy",
+        metadata={"help": "Eq. 17: how pi(s_{i-1}) is chosen: 'greedy', 'rank' (k-th most likely) or 'sample'."},
+    )
     intuition_k: int = field(default=1, metadata={"help": "Eq. 17: k for intuition='rank' (1 = greedy)."})
     intuition_temperature: float = field(default=1.0, metadata={"help": "Eq. 17: temperature for 'sample'."})
     intuition_embeddings: str = field(
-        default="live", metadata={"help": "Eq. 17: table E: 'live' (the model's, trained through the lookup) or "
-                                          "'detached' (the current table, no gradient through either lookup, as the "
-                                          "reference code's refreshed copy)."})
+        default="live",
+        metadata={
+            "help": "Eq. 17: table E: 'live' (the model's, trained through the lookup) or "
+            "'detached' (the current table, no gradient through either lookup, as the "
+            "reference code's refreshed copy)."
+        },
+    )
     detach_weights: bool = field(
-        default=False, metadata={"help": "Eq. 22: stop the gradient through the relation weights."})
+        default=False, metadata={"help": "Eq. 22: stop the gradient through the relation weights."}
+    )
     lm_head: str = field(
-        default="iftune", metadata={"help": "LM head of the training pass: 'iftune' (chunked, trained positions "
-                                            "only; measured fastest on CPU) or 'trl' (TRL's fused LM head, a Triton "
-                                            "kernel on GPU). Not part of the objective."})
+        default="iftune",
+        metadata={
+            "help": "LM head of the training pass: 'iftune' (chunked, trained positions "
+            "only; measured fastest on CPU) or 'trl' (TRL's fused LM head, a Triton "
+            "kernel on GPU). Not part of the objective."
+        },
+    )
     head_chunk_size: int | None = field(
-        default=None, metadata={"help": "Trained positions whose logits exist at once in iftune's LM-head path "
-                                        "(None: ~128 MiB of float32 logits; larger is faster on CPU, uses more "
-                                        "memory). Not part of the objective."})
+        default=None,
+        metadata={
+            "help": "Trained positions whose logits exist at once in iftune's LM-head path "
+            "(None: ~128 MiB of float32 logits; larger is faster on CPU, uses more "
+            "memory). Not part of the objective."
+        },
+    )
     assistant_only_loss: bool = field(
-        default=True, metadata={"help": "Train on assistant turns only (conversational `messages` data). IFT "
-                                        "must not replace prompt tokens; set to False for other formats automatically."})
+        default=True,
+        metadata={
+            "help": "Train on assistant turns only (conversational `messages` data). IFT "
+            "must not replace prompt tokens; set to False for other formats automatically."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 is None and not self.fp16:
             self.bf16 = default_bf16()
         for name in ("min_lambda", "max_lambda"):
             check_unit(name, getattr(self, name))
-        check_options(self.gamma, self.propagation, self.side, self.norm, self.intuition, self.intuition_k,
-                      self.intuition_temperature, self.intuition_embeddings)
+        check_options(
+            self.gamma,
+            self.propagation,
+            self.side,
+            self.norm,
+            self.intuition,
+            self.intuition_k,
+            self.intuition_temperature,
+            self.intuition_embeddings,
+        )
         check_choice("lambda_schedule", self.lambda_schedule, (None, "linear"))
         check_choice("lambda_disturb", self.lambda_disturb, (None, "normal"))
         check_choice("lm_head", self.lm_head, ("iftune", "trl"))
@@ -97,14 +147,21 @@ class IFTConfig(SFTConfig):
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise UserError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
         if self.packing and self.packing_strategy == "wrapped":
-            raise UserError("packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
-                            "cross documents; use packing_strategy='bfd'")
+            raise UserError(
+                "packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
+                "cross documents; use packing_strategy='bfd'"
+            )
         # Options of SFTTrainer's loss that IFT's loss replaces: refused rather than silently ignored.
-        for name, ignored in (("loss_type", self.loss_type != "nll"), ("label_smoothing_factor",
-                              bool(self.label_smoothing_factor)), ("router_aux_loss_coef", bool(self.router_aux_loss_coef))):
+        for name, ignored in (
+            ("loss_type", self.loss_type != "nll"),
+            ("label_smoothing_factor", bool(self.label_smoothing_factor)),
+            ("router_aux_loss_coef", bool(self.router_aux_loss_coef)),
+        ):
             if ignored:
-                raise UserError(f"{name}={getattr(self, name)!r} is not supported by IFT, whose loss replaces "
-                                f"SFTTrainer's; leave it at its default")
+                raise UserError(
+                    f"{name}={getattr(self, name)!r} is not supported by IFT, whose loss replaces "
+                    f"SFTTrainer's; leave it at its default"
+                )
         if self.include_num_input_tokens_seen in ("no", False):
             # The Trainer's count, logged as num_input_tokens_seen and restored on resume.
             self.include_num_input_tokens_seen = "non_padding"
@@ -132,20 +189,22 @@ class IFTTrainer(SFTTrainer):
     big batch, whatever the split into micro-batches and processes.
     """
 
-    _tag_names = ["trl", "iftune", "ift"]
+    _tag_names: ClassVar[list[str]] = ["trl", "iftune", "ift"]
     _name = "IFT"
-    _paper = {
+    _paper: ClassVar[dict[str, str]] = {
         "title": "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single Process",
         "id": "2405.11870",
         "citation": "@article{hua2024intuitive,\n  title={Intuitive Fine-Tuning: Towards Simplifying Alignment "
-                    "into a Single Process},\n  author={Hua, Ermo and Qi, Biqing and Zhang, Kaiyan and Yu, Yue and "
-                    "Ding, Ning and Lv, Xingtai and Tian, Kai and Zhou, Bowen},\n  journal={arXiv preprint "
-                    "arXiv:2405.11870},\n  year={2024}\n}",
+        "into a Single Process},\n  author={Hua, Ermo and Qi, Biqing and Zhang, Kaiyan and Yu, Yue and "
+        "Ding, Ning and Lv, Xingtai and Tian, Kai and Zhou, Bowen},\n  journal={arXiv preprint "
+        "arXiv:2405.11870},\n  year={2024}\n}",
     }
 
     def __init__(self, model, args: IFTConfig | None = None, data_collator=None, train_dataset=None, *pos, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            name = (
+                model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            )
             args = IFTConfig(f"{str(name).split('/')[-1]}-IFT")
         elif not isinstance(args, IFTConfig):
             raise TypeError("IFTTrainer needs an IFTConfig")
@@ -163,15 +222,21 @@ class IFTTrainer(SFTTrainer):
         """Refuse the layouts whose sharding IFT's extra head and embedding calls cannot see."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if self.is_fsdp_enabled and plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
-            raise UserError("FSDP1 (fsdp_version: 1) is not supported: IFT calls the LM head outside the forward, "
-                            "where FSDP1 shows the flat sharded parameter; use FSDP2 (fsdp_version: 2)")
+            raise UserError(
+                "FSDP1 (fsdp_version: 1) is not supported: IFT calls the LM head outside the forward, "
+                "where FSDP1 shows the flat sharded parameter; use FSDP2 (fsdp_version: 2)"
+            )
         if getattr(self, "aux_loss_enabled", False):
-            raise UserError("the MoE router auxiliary loss is not supported by IFT, whose loss replaces SFTTrainer's; "
-                            "set router_aux_loss_coef=0")
+            raise UserError(
+                "the MoE router auxiliary loss is not supported by IFT, whose loss replaces SFTTrainer's; "
+                "set router_aux_loss_coef=0"
+            )
         config = self.accelerator.parallelism_config
         if config is not None and (config.cp_enabled or config.sp_enabled or config.tp_enabled):
-            raise UserError("context, sequence and tensor parallelism are not supported by IFT: its intuition pass "
-                            "needs whole sequences on each rank; use data parallelism, FSDP2 or ZeRO-3")
+            raise UserError(
+                "context, sequence and tensor parallelism are not supported by IFT: its intuition pass "
+                "needs whole sequences on each rank; use data parallelism, FSDP2 or ZeRO-3"
+            )
 
     # -- gradient accumulation: count sequences, not tokens, over the whole window
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -202,14 +267,26 @@ class IFTTrainer(SFTTrainer):
         # lookups and head calls made outside it run under the same autocast here.
         with self.accelerator.autocast():
             out = ift_loss(
-                model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"), lam=lam, gamma=args.gamma,
-                propagation=args.propagation, side=args.side, norm=args.norm, intuition=args.intuition,
-                intuition_k=args.intuition_k, intuition_temperature=args.intuition_temperature,
-                intuition_embeddings=args.intuition_embeddings, detach_weights=args.detach_weights,
-                generator=self._generator(inputs["input_ids"].device), head_chunk_size=args.head_chunk_size,
+                model,
+                inputs["input_ids"],
+                inputs["labels"],
+                inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+                lam=lam,
+                gamma=args.gamma,
+                propagation=args.propagation,
+                side=args.side,
+                norm=args.norm,
+                intuition=args.intuition,
+                intuition_k=args.intuition_k,
+                intuition_temperature=args.intuition_temperature,
+                intuition_embeddings=args.intuition_embeddings,
+                detach_weights=args.detach_weights,
+                generator=self._generator(inputs["input_ids"].device),
+                head_chunk_size=args.head_chunk_size,
                 train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
-                with_sft_loss=mode == "eval" or self._logs_this_step(), **extra,
+                with_sft_loss=mode == "eval" or self._logs_this_step(),
+                **extra,
             )
         loss = self.window_mean(out.loss_sum, out.n_sequences, num_items_in_batch)
         self._log_metrics(mode, out, lam)
@@ -237,9 +314,16 @@ class IFTTrainer(SFTTrainer):
     @staticmethod
     def _trl_head(model, inputs):
         """The training pass through the fused LM head that SFTTrainer attaches to the model."""
+
         def logprobs(inputs_embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return model(inputs_embeds=inputs_embeds, attention_mask=inputs.get("attention_mask"),
-                         position_ids=inputs.get("position_ids"), labels=labels, fused_lm_head=True).log_probs
+            return model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+                labels=labels,
+                fused_lm_head=True,
+            ).log_probs
+
         return logprobs
 
     def _log_metrics(self, mode: str, out: Any, lam: float) -> None:

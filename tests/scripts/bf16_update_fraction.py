@@ -35,8 +35,11 @@ def main() -> None:
     torch.manual_seed(0)
     vocab = len(build_tokenizer())
     batch = normal_batch(vocab, 1)
-    print(f"lr={args.lr}: share of weights whose bf16 value moved after " + ", ".join(map(str, args.report))
-          + " RMSprop steps")
+    print(
+        f"lr={args.lr}: share of weights whose bf16 value moved after "
+        + ", ".join(map(str, args.report))
+        + " RMSprop steps"
+    )
     for name, dtype in (("bf16 weights (no master)", torch.bfloat16), ("fp32 master weights", torch.float32)):
         model = build_model(vocab).to(dtype)
         opt = torch.optim.RMSprop(model.parameters(), lr=args.lr)

@@ -26,7 +26,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest's tiny model
 from batches import empty_batch, normal_batch, perfect_batch
 from conftest import build_model, build_tokenizer
-
 from iftune.modeling import sequence_count
 from iftune.objective import ift_loss
 from iftune.trainer import IFTTrainer
@@ -40,8 +39,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tied", action="store_true", help="tie_word_embeddings=True")
     p.add_argument("--intuition_embeddings", default=None, help="e.g. 'detached'; None: ift_loss's default")
     p.add_argument("--chunk", type=int, default=None, help="head chunk size (positions)")
-    p.add_argument("--mixed_precision", choices=("no", "bf16"), default="no",
-                   help="bf16: the wrapper's bf16 mixed precision (and, for FSDP2, CPU autocast, as accelerate adds)")
+    p.add_argument(
+        "--mixed_precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16: the wrapper's bf16 mixed precision (and, for FSDP2, CPU autocast, as accelerate adds)",
+    )
     p.add_argument("--init", type=float, default=0.02, help="initializer_range of the tiny Llama")
     p.add_argument("--steps", nargs="*", default=None, help="names of the steps to run (default: all)")
     p.add_argument("--out", required=True, help="JSON report; its folder also holds the saved reference model")
@@ -82,8 +85,9 @@ def window_loss(model, batch: dict, world: int, kw: dict):
     count = torch.tensor([sequence_count(batch["labels"])])
     dist.all_reduce(count)
     out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
-    stub = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world),
-                           args=SimpleNamespace(average_tokens_across_devices=True))  # TrainingArguments' default
+    stub = SimpleNamespace(
+        accelerator=SimpleNamespace(num_processes=world), args=SimpleNamespace(average_tokens_across_devices=True)
+    )  # TrainingArguments' default
     return IFTTrainer.window_mean(stub, out.loss_sum, out.n_sequences, count[0]), out
 
 
@@ -121,36 +125,51 @@ def fsdp2_model(model: torch.nn.Module, mixed_precision: str) -> tuple[torch.nn.
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
         cpu_ram_efficient_loading=True,
-        mixed_precision_policy=None if mixed_precision == "no" else mixed_precision)
+        mixed_precision_policy=None if mixed_precision == "no" else mixed_precision,
+    )
     if dist.get_rank() != 0:  # as with cpu_ram_efficient_loading, only rank 0 holds the real weights
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_()
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision,
-                                  is_main_process=dist.get_rank() == 0, device=torch.device("cpu"))
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision=mixed_precision,
+        is_main_process=dist.get_rank() == 0,
+        device=torch.device("cpu"),
+    )
     wrapped = fsdp2_prepare_model(accelerator, model)
 
     def full_grads() -> dict:
-        return {n: grad_or_zeros(p, None if p.grad is None else p.grad.full_tensor())
-                for n, p in wrapped.named_parameters()}
+        return {
+            n: grad_or_zeros(p, None if p.grad is None else p.grad.full_tensor()) for n, p in wrapped.named_parameters()
+        }
 
     return wrapped, full_grads, torch.Tensor.backward
 
 
-def zero3_model(ref: torch.nn.Module, mixed_precision: str, workdir: Path) -> tuple[torch.nn.Module, Callable, Callable]:
-    """(engine, full gradients, backward): `deepspeed.initialize` at stage 3 of the reference weights loaded the way the HF Trainer
-    loads them under ZeRO-3: `from_pretrained` with an `HfDeepSpeedConfig` alive, which builds
-    the model inside `deepspeed.zero.Init` (parameters partitioned from construction)."""
+def zero3_model(
+    ref: torch.nn.Module, mixed_precision: str, workdir: Path
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(engine, full gradients, backward): `deepspeed.initialize` at stage 3 of the reference
+    weights loaded the way the HF Trainer loads them under ZeRO-3: `from_pretrained` with an
+    `HfDeepSpeedConfig` alive, which builds the model inside `deepspeed.zero.Init` (parameters
+    partitioned from construction)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "zero_allow_untested_optimizer": True, "bf16": {"enabled": mixed_precision == "bf16"}}
+    config = {
+        "train_micro_batch_size_per_gpu": ROWS,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": mixed_precision == "bf16"},
+    }
     if dist.get_rank() == 0:
         ref.save_pretrained(workdir / "ref")
     dist.barrier()
@@ -190,8 +209,11 @@ def rank_stats(out, world: int) -> dict:
     stats = torch.tensor([float(out.intuition_accuracy), float(out.n_sequences), float(out.n_tokens)])
     every = [torch.zeros_like(stats) for _ in range(world)]
     dist.all_gather(every, stats)
-    return {"intuition_accuracy": [e[0].item() for e in every], "n_sequences": [int(e[1]) for e in every],
-            "n_tokens": [int(e[2]) for e in every]}
+    return {
+        "intuition_accuracy": [e[0].item() for e in every],
+        "n_sequences": [int(e[1]) for e in every],
+        "n_tokens": [int(e[2]) for e in every],
+    }
 
 
 def main() -> None:

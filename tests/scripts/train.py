@@ -26,7 +26,7 @@ def main() -> None:
     if "--kill_at_step" in argv:
         i = argv.index("--kill_at_step")
         kill = int(argv[i + 1])
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     data_args, training_args, model_args = train.parse(method, argv)
     trainer = train.build_trainer(method, data_args, training_args, model_args)
     if kill is not None:

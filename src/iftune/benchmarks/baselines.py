@@ -16,7 +16,7 @@ from iftune.trainer import IFTTrainer
 
 
 class PathSFTTrainer(IFTTrainer):
-    """Single-pass SFT, per-sequence mean, on IFT's head path: the spec's lam = 0, gamma = 0
+    """Single-pass SFT, per-sequence mean, on IFT's head path: docs/objective.md's lam = 0, gamma = 0
     objective without the intuition pass."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -16,9 +16,9 @@ import os
 import warnings
 from typing import Any
 
-from iftune.benchmarks.measure import quiet
 from iftune.benchmarks.run import run_bench
 from iftune.benchmarks.setup import INT_SIZES, METHODS, PRECISIONS, PRESETS, QUICK, Options, Sizes, with_sizes
+from iftune.console import silence_libraries
 from iftune.errors import UserError
 
 # At a preset: the methods whose ratios have targets (DPO, ORPO and TRL's head path do not fit
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(ns.threads)
     files = _outputs(ns)
     with warnings.catch_warnings():
-        quiet()
+        silence_libraries()
         result = run_bench(sizes, Options(ns.seed, cuda, ns.gradient_checkpointing, ns.precision), **opts)
     print(format_table(result))
     if result["profile"]:

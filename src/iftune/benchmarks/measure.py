@@ -20,10 +20,10 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from typing import Any
 
 from iftune.benchmarks.setup import Options, Sizes, build_trainer, make_model
+from iftune.console import silence_libraries
 
 
 class Clock:
@@ -260,20 +260,9 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
     return result
 
 
-def quiet() -> None:
-    """No progress bars, deprecation warnings or info logs from the libraries."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.simplefilter("ignore", FutureWarning)
-
-
 def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> None:
     try:
-        quiet()
+        silence_libraries()
         conn.send(("ok", measure_memory(method, sizes, steps, opt)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -339,7 +328,6 @@ __all__ = [
     "measure_memory",
     "memory_per_process",
     "peak_during",
-    "quiet",
     "read_peak",
     "reset_peak",
     "time_interleaved",

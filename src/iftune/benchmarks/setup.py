@@ -30,7 +30,7 @@ INT_SIZES = ("vocab", "hidden", "layers", "heads", "intermediate", "batch", "seq
 
 @dataclass(frozen=True)
 class Sizes:
-    """Model and batch sizes. Defaults: issue 6 (Mistral's vocabulary, a small Llama body).
+    """Model and batch sizes. Defaults: Mistral's vocabulary on a small Llama body, where the LM head dominates.
 
     `kv_heads` 0 means as many as `heads`; `full_layers` 0 means `layers` is the whole model
     (a preset cut to fewer layers keeps its real depth there, for the table's label).

@@ -58,15 +58,24 @@ class RunResult:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="iftune demo", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="iftune demo", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="fine-tuning seeds per method")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per fine-tuning run")
-    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/demo",
-                        help="where demo.json, demo.png and the runs go (runs/ is rewritten)")
-    parser.add_argument("--build-base", action="store_true",
-                        help="pre-train the base model with the builder (cached) instead of using the copy "
-                             "shipped with iftune; its weights, and so the results, depend on the machine")
+    parser.add_argument(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        default="outputs/demo",
+        help="where demo.json, demo.png and the runs go (runs/ is rewritten)",
+    )
+    parser.add_argument(
+        "--build-base",
+        action="store_true",
+        help="pre-train the base model with the builder (cached) instead of using the copy "
+        "shipped with iftune; its weights, and so the results, depend on the machine",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise UserError(f"--seeds={args.seeds}: expected an integer >= 1")
@@ -75,17 +84,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def fine_tune(command: str, base: Path, train_file: Path, out: Path, steps: int, seed: int,
-              extra: list[str]) -> list[dict]:
+def fine_tune(
+    command: str, base: Path, train_file: Path, out: Path, steps: int, seed: int, extra: list[str]
+) -> list[dict]:
     """Fine-tune `base` through `iftune.train` with the arguments a user would give `iftune <command>`;
     returns its log history (a `UserError` reaches the caller as it is)."""
     from iftune.train import parse, train
 
-    argv = [ "--model_name_or_path", str(base), "--dataset_name", str(train_file),
-            "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(LEARNING_RATE),
-            "--per_device_train_batch_size", str(BATCH_SIZE), "--seed", str(seed),
-            "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--save_strategy", "no", *extra]
+    argv = [
+        "--model_name_or_path",
+        str(base),
+        "--dataset_name",
+        str(train_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        str(LEARNING_RATE),
+        "--per_device_train_batch_size",
+        str(BATCH_SIZE),
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
     with quiet():
         trainer = train(command, *parse(command, argv))
     return trainer.state.log_history
@@ -125,11 +157,14 @@ def format_table(summary: dict, base_score=None) -> str:
 
     lines = [f"{'method':<12} {'exact match %':>15} {'step accuracy %':>16} {'EM - SFT':>14} {'step - SFT':>14}"]
     if base_score is not None:
-        lines.append(f"{'base':<12} {100 * base_score['exact_match']:>15.1f} {100 * base_score['step_accuracy']:>16.1f}")
+        lines.append(
+            f"{'base':<12} {100 * base_score['exact_match']:>15.1f} {100 * base_score['step_accuracy']:>16.1f}"
+        )
     for method, row in summary.items():
         diff = [cell(row[k]) if k in row else "" for k in ("exact_match_minus_sft", "step_accuracy_minus_sft")]
-        lines.append(f"{method:<12} {cell(row['exact_match']):>15} {cell(row['step_accuracy']):>16} "
-                     f"{diff[0]:>14} {diff[1]:>14}")
+        lines.append(
+            f"{method:<12} {cell(row['exact_match']):>15} {cell(row['step_accuracy']):>16} {diff[0]:>14} {diff[1]:>14}"
+        )
     return "\n".join(lines)
 
 
@@ -147,15 +182,22 @@ def plot(runs: list[RunResult], summary: dict, path: Path) -> Path:
         steps = [s for s, _ in mine[0].teacher_forced_nll]
         mean = [sum(r.teacher_forced_nll[i][1] for r in mine) / len(mine) for i in range(len(steps))]
         ax_loss.plot(steps, mean, label=method, color=colors.get(method))
-    ax_loss.set(xlabel="optimizer step", ylabel="teacher-forced NLL (train batch)",
-                title="training loss (mean over seeds)")
+    ax_loss.set(
+        xlabel="optimizer step", ylabel="teacher-forced NLL (train batch)", title="training loss (mean over seeds)"
+    )
     ax_loss.legend()
     width = 0.38
     for j, metric in enumerate(("exact_match", "step_accuracy")):
         xs = [i + (j - 0.5) * width for i in range(len(summary))]
-        ax_score.bar(xs, [100 * summary[m][metric]["mean"] for m in summary], width,
-                     yerr=[100 * summary[m][metric]["std"] for m in summary], capsize=3,
-                     label=metric.replace("_", " "), alpha=0.8)
+        ax_score.bar(
+            xs,
+            [100 * summary[m][metric]["mean"] for m in summary],
+            width,
+            yerr=[100 * summary[m][metric]["std"] for m in summary],
+            capsize=3,
+            label=metric.replace("_", " "),
+            alpha=0.8,
+        )
         for x, m in zip(xs, summary):  # individual seeds
             ys = [100 * getattr(r, metric) for r in runs if r.method == m]
             ax_score.scatter([x] * len(ys), ys, color="black", s=8, zorder=3)
@@ -181,8 +223,10 @@ def get_base(tqdm, build: bool) -> Path:
     spec = BASE_SPEC
     if not build or (base_dir(spec) / "config.json").exists():
         return base_model(spec, build=build)
-    with tqdm(total=spec.pretrain_steps, desc="pre-training the base model (first run only)",
-              unit="step", mininterval=0.5) as bar:
+    with tqdm(
+        total=spec.pretrain_steps, desc="pre-training the base model (first run only)", unit="step", mininterval=0.5
+    ) as bar:
+
         def progress(loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update()
@@ -219,17 +263,20 @@ def run_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     table = format_table(summary, base_score)
     write_report(out_dir, args, base, base_score, runs, summary, seconds)
-    print(f"\nheld-out split: {len(heldout)} chained mod-10 problems of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} "
-          f"steps, greedy decoding; "
-          f"{args.steps} steps, lr {LEARNING_RATE}, batch {BATCH_SIZE}, {args.seeds} seed(s)")
+    print(
+        f"\nheld-out split: {len(heldout)} chained mod-10 problems of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} "
+        f"steps, greedy decoding; "
+        f"{args.steps} steps, lr {LEARNING_RATE}, batch {BATCH_SIZE}, {args.seeds} seed(s)"
+    )
     print(table)
     print(f"\nmean ± std over seeds; '- SFT' columns are paired by seed. {seconds:.0f} s in all.")
     print(f"wrote {out_dir / 'demo.json'} and {out_dir / 'demo.png'}")
     return 0
 
 
-def run_one(method: str, seed: int, steps: int, base: Path, train_file: Path, heldout: list[dict],
-            out_dir: Path) -> RunResult:
+def run_one(
+    method: str, seed: int, steps: int, base: Path, train_file: Path, heldout: list[dict], out_dir: Path
+) -> RunResult:
     command, extra = METHODS[method]
     run_dir = out_dir / "runs" / f"{method}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own model from an earlier run: rebuilt
@@ -238,18 +285,27 @@ def run_one(method: str, seed: int, steps: int, base: Path, train_file: Path, he
     train_seconds = time.perf_counter() - t0
     result = evaluate(run_dir, heldout)
     loss, nll = curves(history)
-    return RunResult(method, seed, result["exact_match"], result["step_accuracy"], train_seconds, loss, nll,
-                     result["samples"])
+    return RunResult(
+        method, seed, result["exact_match"], result["step_accuracy"], train_seconds, loss, nll, result["samples"]
+    )
 
 
-def write_report(out_dir: Path, args, base: Path, base_score, runs: list[RunResult], summary: dict,
-                 seconds: float) -> None:
+def write_report(
+    out_dir: Path, args, base: Path, base_score, runs: list[RunResult], summary: dict, seconds: float
+) -> None:
     report = {
-        "settings": {"steps": args.steps, "seeds": args.seeds, "learning_rate": LEARNING_RATE,
-                     "per_device_train_batch_size": BATCH_SIZE, "n_train": N_TRAIN, "n_heldout": N_HELDOUT,
-                     "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS], "data_seed": DATA_SEED,
-                     "methods": {m: ["iftune", c, *e] for m, (c, e) in METHODS.items()},
-                     "base_model": "shipped" if base == SHIPPED_BASE else str(base)},
+        "settings": {
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "learning_rate": LEARNING_RATE,
+            "per_device_train_batch_size": BATCH_SIZE,
+            "n_train": N_TRAIN,
+            "n_heldout": N_HELDOUT,
+            "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS],
+            "data_seed": DATA_SEED,
+            "methods": {m: ["iftune", c, *e] for m, (c, e) in METHODS.items()},
+            "base_model": "shipped" if base == SHIPPED_BASE else str(base),
+        },
         "base": {k: base_score[k] for k in ("exact_match", "step_accuracy", "heldout_nll")},
         "summary": summary,
         "runs": [asdict(r) for r in runs],

@@ -120,9 +120,14 @@ def train_tokenizer(corpus: list[str]):
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, unk_token=UNK,
-                                   additional_special_tokens=list(ROLE_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(ROLE_TOKENS),
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -131,11 +136,16 @@ def make_model(spec: BaseSpec, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_hidden_layers, intermediate_size=spec.intermediate_size,
-        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        intermediate_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -143,8 +153,10 @@ def make_model(spec: BaseSpec, tokenizer):
 
 def encode_docs(corpus: list[str], tokenizer) -> list[list[int]]:
     """Each document as `<s> doc <|end|>` token ids."""
-    return [[tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False), tokenizer.eos_token_id]
-            for doc in corpus]
+    return [
+        [tokenizer.bos_token_id, *tokenizer.encode(doc, add_special_tokens=False), tokenizer.eos_token_id]
+        for doc in corpus
+    ]
 
 
 def doc_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +176,8 @@ def pretrain(model, docs: list[list[int]], spec: BaseSpec, pad_id: int, progress
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / spec.pretrain_steps)))
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / spec.pretrain_steps))
+    )
     model.train()
     losses = []
     for _ in range(spec.pretrain_steps):
@@ -204,9 +217,12 @@ def build_base(spec: BaseSpec = BaseSpec(), root: Path | None = None, progress=N
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"spec": asdict(spec), "build_version": BUILD_VERSION,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "final_pretrain_loss": sum(losses[-20:]) / len(losses[-20:])}
+        info = {
+            "spec": asdict(spec),
+            "build_version": BUILD_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_pretrain_loss": sum(losses[-20:]) / len(losses[-20:]),
+        }
         (tmp / "iftune-demo-base.json").write_text(json.dumps(info, indent=2))
         os.replace(tmp, target)
     except OSError:

@@ -41,7 +41,9 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        return "solve " + " ".join([str(self.start)] + [f"{self.label(i)} {op}{d}" for i, (op, d) in enumerate(self.ops)])
+        return "solve " + " ".join(
+            [str(self.start)] + [f"{self.label(i)} {op}{d}" for i, (op, d) in enumerate(self.ops)]
+        )
 
 
 def apply(op: str, a: int, b: int) -> int:
@@ -81,8 +83,9 @@ def random_problem(rng: random.Random, min_steps: int, max_steps: int, any_label
 
 def to_messages(problem: Problem) -> dict:
     """One conversational example in TRL's `messages` format."""
-    return {"messages": [{"role": "user", "content": problem.prompt},
-                         {"role": "assistant", "content": solution(problem)}]}
+    return {
+        "messages": [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": solution(problem)}]
+    }
 
 
 def make_splits(n_train: int, n_heldout: int, seed: int = DATA_SEED) -> tuple[list[dict], list[dict]]:

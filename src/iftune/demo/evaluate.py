@@ -30,12 +30,13 @@ def answers(model_dir: Path, questions: list[str], chat: bool, batch_size: int =
 
     tokenizer, model = loaded or load(model_dir)
     if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions]
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions
+        ]
     else:
         prompts = [pretraining_prompt(q) for q in questions]
-    return generate(tokenizer, model, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
-                    progress=False)
+    return generate(tokenizer, model, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size, progress=False)
 
 
 def heldout_nll(tokenizer, model, examples: list[dict], batch_size: int = 100) -> float:
@@ -45,8 +46,10 @@ def heldout_nll(tokenizer, model, examples: list[dict], batch_size: int = 100) -
 
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        enc = [tokenizer.apply_chat_template(e["messages"], return_dict=True, return_assistant_tokens_mask=True)
-               for e in examples[i:i + batch_size]]
+        enc = [
+            tokenizer.apply_chat_template(e["messages"], return_dict=True, return_assistant_tokens_mask=True)
+            for e in examples[i : i + batch_size]
+        ]
         width = max(len(e["input_ids"]) for e in enc)
         ids = torch.full((len(enc), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -72,7 +75,11 @@ def evaluate(model_dir: Path, heldout: list[dict], chat: bool = True) -> dict:
     generated = answers(model_dir, questions, chat, loaded=(tokenizer, model))
     result = score(generated, references)
     tokenizer.padding_side = "right"
-    return {"exact_match": result.exact_match, "step_accuracy": result.step_accuracy,
-            "heldout_nll": heldout_nll(tokenizer, model, heldout),
-            "samples": [{"prompt": q, "generated": g, "reference": r}
-                        for q, g, r in list(zip(questions, generated, references))[:3]]}
+    return {
+        "exact_match": result.exact_match,
+        "step_accuracy": result.step_accuracy,
+        "heldout_nll": heldout_nll(tokenizer, model, heldout),
+        "samples": [
+            {"prompt": q, "generated": g, "reference": r} for q, g, r in list(zip(questions, generated, references))[:3]
+        ],
+    }

@@ -54,8 +54,7 @@ def leaf_configs(index: dict[str, Any], name: str) -> list[tuple[str, dict]]:
         child = item if isinstance(item, str) else item.get("task", item.get("group"))
         if isinstance(child, str) and child in index:
             # a dict entry may override the referenced task's settings (its data path too)
-            extra = {k: v for k, v in item.items() if k not in ("task", "group")} \
-                if isinstance(item, dict) else {}
+            extra = {k: v for k, v in item.items() if k not in ("task", "group")} if isinstance(item, dict) else {}
             leaves += [(task, {**cfg, **extra}) for task, cfg in leaf_configs(index, child)]
         elif isinstance(item, dict):  # inline task defined inside the group file
             leaves.append((str(child), item))
@@ -115,12 +114,16 @@ def local_copy(data_dir: Path, path: str) -> Path | None:
 
 def _example_layout(data: HubData) -> str:
     config = next((c for c in sorted(data.configs, key=str) if c), None)
-    return f"{data.path}/{config}/test-00000-of-00001.parquet" if config else \
-        f"{data.path}/data/test-00000-of-00001.parquet"
+    return (
+        f"{data.path}/{config}/test-00000-of-00001.parquet"
+        if config
+        else f"{data.path}/data/test-00000-of-00001.parquet"
+    )
 
 
-def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
-                       mirrors: Path | None = None) -> dict[str, str]:
+def resolve_local_data(
+    needed: dict[str, HubData], data_dir: Path | None, mirrors: Path | None = None
+) -> dict[str, str]:
     """Map hub path -> absolute local `dataset_path` for every data set copied under `data_dir`.
 
     Raises UserError (one line) for data sets that are neither copied nor reachable.
@@ -134,12 +137,16 @@ def resolve_local_data(needed: dict[str, HubData], data_dir: Path | None,
         elif not in_cache(path):
             missing.append(data)
     if missing and hub_offline():
-        names = "; ".join(f"{d.path} (task {', '.join(sorted(set(d.tasks))[:3])}"
-                          f"{', ...' if len(set(d.tasks)) > 3 else ''})" for d in missing)
+        names = "; ".join(
+            f"{d.path} (task {', '.join(sorted(set(d.tasks))[:3])}{', ...' if len(set(d.tasks)) > 3 else ''})"
+            for d in missing
+        )
         where = f"not under --data-dir {data_dir}" if data_dir else "not in the local cache"
-        raise UserError(f"the hub is offline or unreachable and data set {names} is {where}; "
-                        f"pass --data-dir DIR with a copy laid out as on the hub "
-                        f"(e.g. DIR/{_example_layout(missing[0])})")
+        raise UserError(
+            f"the hub is offline or unreachable and data set {names} is {where}; "
+            f"pass --data-dir DIR with a copy laid out as on the hub "
+            f"(e.g. DIR/{_example_layout(missing[0])})"
+        )
     return overrides
 
 
@@ -167,7 +174,7 @@ def loadable_root(root: Path, data: HubData, mirrors: Path | None = None) -> Pat
         lines.append(f"- config_name: {config}\n  data_files:")
         for split, names in sorted(splits.items()):
             lines.append(f"  - split: {split}\n    path:")
-            lines += [f"    - \"{config}/{name}\"" for name in names]
+            lines += [f'    - "{config}/{name}"' for name in names]
     # write-then-rename: a concurrent run never reads half a README
     staging = mirror / f".README.{os.getpid()}"
     staging.write_text("\n".join(lines + ["---", ""]))
@@ -180,10 +187,16 @@ def private_dir(path: Path) -> Path:
     write in (otherwise someone could replace the links and have their data scored)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.lstat()
-    if path.is_symlink() or not path.is_dir() or (hasattr(os, "getuid") and info.st_uid != os.getuid()) \
-            or info.st_mode & 0o022:
-        raise UserError(f"{path}: the data mirrors' folder must be a directory of your own that others "
-                        f"cannot write in; remove it or set XDG_CACHE_HOME")
+    if (
+        path.is_symlink()
+        or not path.is_dir()
+        or (hasattr(os, "getuid") and info.st_uid != os.getuid())
+        or info.st_mode & 0o022
+    ):
+        raise UserError(
+            f"{path}: the data mirrors' folder must be a directory of your own that others "
+            f"cannot write in; remove it or set XDG_CACHE_HOME"
+        )
     return path
 
 
@@ -202,8 +215,10 @@ def link_to(link: Path, target: Path) -> None:
 def _split_files(folder: Path, data: HubData) -> dict[str, list[str]]:
     """split -> names of its data files in `folder` (all shards, one format)."""
     if not folder.is_dir():
-        raise UserError(f"--data-dir: expected folder {folder} for data set {data.path} "
-                        f"(files like {folder}/test-00000-of-00001.parquet)")
+        raise UserError(
+            f"--data-dir: expected folder {folder} for data set {data.path} "
+            f"(files like {folder}/test-00000-of-00001.parquet)"
+        )
     splits: dict[str, list[str]] = {}
     for file in sorted(folder.iterdir()):
         match = SPLIT_FILE.match(file.name)
@@ -212,6 +227,5 @@ def _split_files(folder: Path, data: HubData) -> dict[str, list[str]]:
         if names is not None and (not names or Path(names[0]).suffix == file.suffix):
             names.append(file.name)
     if not splits:
-        raise UserError(f"--data-dir: no data files ({', '.join(DATA_SUFFIXES)}) in {folder} "
-                        f"for data set {data.path}")
+        raise UserError(f"--data-dir: no data files ({', '.join(DATA_SUFFIXES)}) in {folder} for data set {data.path}")
     return splits

@@ -44,8 +44,7 @@ def main_metric(task: str, scores: dict[str, Any]) -> str | None:
     return None
 
 
-def summarize(results: dict[str, Any], tasks: list[str], model: str,
-              adapter: str | None) -> dict[str, Any]:
+def summarize(results: dict[str, Any], tasks: list[str], model: str, adapter: str | None) -> dict[str, Any]:
     """summary.json: task -> {metric, value, column} for each requested task or group."""
     scores = {**results.get("results", {}), **results.get("groups", {})}
     summary: dict[str, Any] = {"model": model, "adapter": adapter, "tasks": {}}
@@ -54,8 +53,7 @@ def summarize(results: dict[str, Any], tasks: list[str], model: str,
         if metric is None:
             continue
         column = BY_TASK[task].title if task in BY_TASK else task
-        summary["tasks"][task] = {"metric": metric, "value": scores[task][metric],
-                                  "column": column}
+        summary["tasks"][task] = {"metric": metric, "value": scores[task][metric], "column": column}
     return summary
 
 
@@ -77,16 +75,14 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
     columns += sorted(present - set(columns))
     averaged = [c for c in columns if c not in NOT_AVERAGED]
     header = ["Model", *columns] + (["Avg."] if len(averaged) > 1 else [])
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
     for summary in summaries:
         values = {t["column"]: 100 * float(t["value"]) for t in summary["tasks"].values()}
         cells = [f"{values[c]:.2f}" if c in values else "–" for c in columns]
         if len(averaged) > 1:
             # an average over fewer columns than the table has would not be comparable
             full = all(c in values for c in averaged)
-            cells.append(f"{sum(values[c] for c in averaged) / len(averaged):.2f}"
-                         if full else "–")
+            cells.append(f"{sum(values[c] for c in averaged) / len(averaged):.2f}" if full else "–")
         lines.append("| " + " | ".join([row_label(summary), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -98,7 +94,7 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"--compare: {path} is not valid JSON ({err.msg}, line {err.lineno})")
+        raise UserError(f"--compare: {path} is not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), dict):
         raise UserError(f"--compare: {path} has no 'tasks' mapping")
     return summary

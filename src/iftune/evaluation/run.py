@@ -24,33 +24,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iftune eval",
         description="Evaluate a model (full or LoRA) with lm-evaluation-harness; "
-                    "`--tasks leaderboard` gives the paper's Table 3 row.")
+        "`--tasks leaderboard` gives the paper's Table 3 row.",
+    )
     p.add_argument("--model", help="model directory or hub id (the base model for --adapter)")
     p.add_argument("--adapter", help="PEFT (LoRA) adapter directory applied on top of --model")
-    p.add_argument("--tasks", default="leaderboard",
-                   help="`leaderboard` (ARC 25-shot, ARC-Gen 25, MMLU 5, TruthfulQA 0, "
-                        "WinoGrande 5, GSM8K 5) or comma-separated lm-eval task/group names")
-    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); "
-                                               "for quick checks only")
-    p.add_argument("--num-fewshot", type=int,
-                   help="override every task's shot count (tasks fixed at 0 shots stay 0)")
-    p.add_argument("--output-dir", help="where results go (default: eval/<model name>); "
-                                        "--output_dir works too")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="plain-text prompts; by default the chat template is applied and "
-                        "few-shot examples are given as a multi-turn conversation")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="folder of your own lm-eval task YAMLs (repeatable)")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="local copies of hub data sets laid out as on the hub, "
-                        "e.g. DIR/allenai/ai2_arc/ARC-Challenge/test-00000-of-00001.parquet")
+    p.add_argument(
+        "--tasks",
+        default="leaderboard",
+        help="`leaderboard` (ARC 25-shot, ARC-Gen 25, MMLU 5, TruthfulQA 0, "
+        "WinoGrande 5, GSM8K 5) or comma-separated lm-eval task/group names",
+    )
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
+    p.add_argument("--num-fewshot", type=int, help="override every task's shot count (tasks fixed at 0 shots stay 0)")
+    p.add_argument("--output-dir", help="where results go (default: eval/<model name>); --output_dir works too")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="plain-text prompts; by default the chat template is applied and "
+        "few-shot examples are given as a multi-turn conversation",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of your own lm-eval task YAMLs (repeatable)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="local copies of hub data sets laid out as on the hub, "
+        "e.g. DIR/allenai/ai2_arc/ARC-Challenge/test-00000-of-00001.parquet",
+    )
     p.add_argument("--batch-size", default="8", help="int or `auto` (default 8)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="model dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=1234, help="random and few-shot sampling seed")
-    p.add_argument("--compare", nargs="+", metavar="DIR",
-                   help="print (and with --output-dir write) a table of earlier runs; "
-                        "no model is loaded")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="DIR",
+        help="print (and with --output-dir write) a table of earlier runs; no model is loaded",
+    )
     return p
 
 
@@ -82,13 +97,11 @@ def main(argv: list[str]) -> int:
 
 def _check_counts(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit: expected a count >= 1 or a fraction in (0, 1), "
-                        f"got {args.limit}")
+        raise UserError(f"--limit: expected a count >= 1 or a fraction in (0, 1), got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot: expected a count >= 0, got {args.num_fewshot}")
     if args.batch_size != "auto" and (not args.batch_size.isdigit() or int(args.batch_size) < 1):
-        raise UserError(f"--batch-size: expected a positive integer or `auto`, "
-                        f"got {args.batch_size!r}")
+        raise UserError(f"--batch-size: expected a positive integer or `auto`, got {args.batch_size!r}")
 
 
 def summary_names(leaves: dict[str, list[tuple[str, dict]]], results: dict[str, Any]) -> list[str]:
@@ -141,13 +154,15 @@ def task_manager_for(names: list[str], include: list[Path]):
         manager = _manager(paths, True)
     unknown = [n for n in names if n not in manager.task_index]
     if unknown:
-        raise UserError(f"--tasks: unknown lm-eval task or group {', '.join(unknown)} "
-                        f"(add its YAML folder with --include-path DIR)")
+        raise UserError(
+            f"--tasks: unknown lm-eval task or group {', '.join(unknown)} (add its YAML folder with --include-path DIR)"
+        )
     return manager
 
 
-def task_specs(plan: dict[str, dict[str, Any]], leaves: dict[str, list[tuple[str, dict]]],
-               manager, data_dir: str | None) -> list:
+def task_specs(
+    plan: dict[str, dict[str, Any]], leaves: dict[str, list[tuple[str, dict]]], manager, data_dir: str | None
+) -> list:
     """What lm-eval runs: plain task names, or tasks/groups built from lm-eval's registered
     YAMLs with `num_fewshot` / `dataset_path` overridden (the YAMLs are not rewritten)."""
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -159,8 +174,9 @@ def task_specs(plan: dict[str, dict[str, Any]], leaves: dict[str, list[tuple[str
         overrides = dict(overrides)
         paths = {cfg.get("dataset_path") for _, cfg in leaves[name]} & set(local)
         if len(paths) > 1:
-            raise UserError(f"--data-dir: {name} mixes data sets {', '.join(sorted(paths))}; "
-                            f"evaluate its tasks one by one")
+            raise UserError(
+                f"--data-dir: {name} mixes data sets {', '.join(sorted(paths))}; evaluate its tasks one by one"
+            )
         if paths:
             overrides["dataset_path"] = local[paths.pop()]
         if not overrides:
@@ -180,10 +196,8 @@ def build_with_overrides(manager, name: str, overrides: dict[str, Any]):
     """
     factory = getattr(manager, "_factory", None)
     if factory is None:
-        raise UserError("--tasks leaderboard and --data-dir need "
-                        "lm-eval >= 0.4.13 (pip install -U 'lm-eval[hf]')")
-    return factory.build(manager.task_index[name], overrides=overrides,
-                         registry=manager.task_index)
+        raise UserError("--tasks leaderboard and --data-dir need lm-eval >= 0.4.13 (pip install -U 'lm-eval[hf]')")
+    return factory.build(manager.task_index[name], overrides=overrides, registry=manager.task_index)
 
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
@@ -199,36 +213,53 @@ def check_chat_template(source: str) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise UserError(f"--model: cannot load the tokenizer of {source} "
-                        f"({str(err).splitlines()[0]})")
+        raise UserError(f"--model: cannot load the tokenizer of {source} ({str(err).splitlines()[0]})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"the tokenizer of {source} has no chat template; add one "
-                        f"(tokenizer.chat_template) or pass --no-chat-template")
+        raise UserError(
+            f"the tokenizer of {source} has no chat template; add one "
+            f"(tokenizer.chat_template) or pass --no-chat-template"
+        )
 
 
-def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str,
-             chat: bool, tracker) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, specs: list, manager, tokenizer_src: str, chat: bool, tracker) -> dict[str, Any]:
     """Load the model (with its adapter) and run lm-eval; returns lm-eval's results dict."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     try:
-        lm = HFLM(pretrained=args.model, peft=args.adapter, tokenizer=tokenizer_src,
-                  batch_size=batch, device=args.device or default_device(), dtype=args.dtype)
+        lm = HFLM(
+            pretrained=args.model,
+            peft=args.adapter,
+            tokenizer=tokenizer_src,
+            batch_size=batch,
+            device=args.device or default_device(),
+            dtype=args.dtype,
+        )
     except OSError as err:
-        raise UserError(f"--model/--adapter: cannot load {args.model}"
-                        f"{' + ' + args.adapter if args.adapter else ''} "
-                        f"({str(err).splitlines()[0]})")
+        raise UserError(
+            f"--model/--adapter: cannot load {args.model}"
+            f"{' + ' + args.adapter if args.adapter else ''} "
+            f"({str(err).splitlines()[0]})"
+        ) from None
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     results = lm_eval.simple_evaluate(
-        model=lm, model_args={"pretrained": args.model, "peft": args.adapter},
-        tasks=specs, task_manager=manager, limit=limit, num_fewshot=args.num_fewshot,
+        model=lm,
+        model_args={"pretrained": args.model, "peft": args.adapter},
+        tasks=specs,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
         log_samples=True,
-        apply_chat_template=chat, fewshot_as_multiturn=chat,
-        random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed, evaluation_tracker=tracker)
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+        evaluation_tracker=tracker,
+    )
     return results
 
 
@@ -248,8 +279,9 @@ def make_tracker(out: Path):
     return EvaluationTracker(output_path=str(out.resolve() / "results.json"))
 
 
-def write_outputs(out: Path, results: dict[str, Any], tracker, tasks: list[str], model: str,
-                  adapter: str | None) -> None:
+def write_outputs(
+    out: Path, results: dict[str, Any], tracker, tasks: list[str], model: str, adapter: str | None
+) -> None:
     """lm-eval's results and samples files, summary.json and results.md in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     samples = results.pop("samples", {})
@@ -261,5 +293,4 @@ def write_outputs(out: Path, results: dict[str, Any], tracker, tasks: list[str],
     table = markdown_table([summary])
     (out / "results.md").write_text(table)
     print(table, end="")
-    print(f"iftune eval: results in {out}/ (summary.json, results.md, lm-eval results_*.json "
-          f"and samples_*.jsonl)")
+    print(f"iftune eval: results in {out}/ (summary.json, results.md, lm-eval results_*.json and samples_*.jsonl)")

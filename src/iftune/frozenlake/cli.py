@@ -1,7 +1,7 @@
 """`iftune frozenlake`: the paper's Frozen Lake study (section 5.3) in one command.
 
-    iftune frozenlake                      # default study: results.json, frozenlake.png, table
-    iftune frozenlake --sweep              # robustness map over base x optimizer x lr x steps
+iftune frozenlake                      # default study: results.json, frozenlake.png, table
+iftune frozenlake --sweep              # robustness map over base x optimizer x lr x steps
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ import torch
 
 from iftune.errors import UserError
 from iftune.frozenlake.env import DEFAULT_MAP, MAPS
-from iftune.frozenlake.study import (BASES, OPTIMIZERS, Settings, make_world, markdown_table, plot,
-                                     plot_sweep, run_study, run_sweep, sweep_markdown)
+from iftune.frozenlake.study import (
+    BASES,
+    OPTIMIZERS,
+    Settings,
+    make_world,
+    markdown_table,
+    plot,
+    plot_sweep,
+    run_study,
+    run_sweep,
+    sweep_markdown,
+)
 from iftune.objective import check_unit
 
 
@@ -32,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = _Parser(prog="iftune frozenlake", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=d.seeds, help="independent seeds (own theta0 and theta*)")
-    p.add_argument("--base", choices=BASES, default=d.base,
-                   help="start: theta0, theta0 + SFT on the sub-optimal route, or theta0 trained to uniform")
+    p.add_argument(
+        "--base",
+        choices=BASES,
+        default=d.base,
+        help="start: theta0, theta0 + SFT on the sub-optimal route, or theta0 trained to uniform",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per method")
@@ -41,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=d.gamma, help="IFT's relation propagation discount")
     p.add_argument("--beta-dpo", type=float, default=d.beta_dpo)
     p.add_argument("--beta-orpo", type=float, default=d.beta_orpo)
-    p.add_argument("--map", default=d.map,
-                   help=f"{', '.join(MAPS)} (default {DEFAULT_MAP}) or rows separated by '/', e.g. SFFF/FHHF/FHHF/FFGF")
+    p.add_argument(
+        "--map",
+        default=d.map,
+        help=f"{', '.join(MAPS)} (default {DEFAULT_MAP}) or rows separated by '/', e.g. SFFF/FHHF/FHHF/FFGF",
+    )
     p.add_argument("--hidden", type=int, default=d.hidden, help="hidden units of the policy network")
     p.add_argument("--tau", type=float, default=d.tau, help="temperature of pi* = softmax(Q*/tau)")
     p.add_argument("--eps", type=float, default=d.eps, help="uniform share mixed into pi*")
@@ -64,9 +81,22 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise UserError(f"--{name.replace('_', '-')}={v} is not valid; expected a number > 0")
     for name in ("lam", "gamma", "eps"):
         check_unit(f"--{name}", getattr(args, name))
-    return Settings(seeds=args.seeds, base=args.base, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
-                    lam=args.lam, gamma=args.gamma, beta_dpo=args.beta_dpo, beta_orpo=args.beta_orpo,
-                    map=args.map, hidden=args.hidden, tau=args.tau, eps=args.eps, base_steps=args.base_steps)
+    return Settings(
+        seeds=args.seeds,
+        base=args.base,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        steps=args.steps,
+        lam=args.lam,
+        gamma=args.gamma,
+        beta_dpo=args.beta_dpo,
+        beta_orpo=args.beta_orpo,
+        map=args.map,
+        hidden=args.hidden,
+        tau=args.tau,
+        eps=args.eps,
+        base_steps=args.base_steps,
+    )
 
 
 def main(argv: list[str]) -> int:

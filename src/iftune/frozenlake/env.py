@@ -38,8 +38,10 @@ def parse_map(spec: str) -> tuple[str, ...]:
         return MAPS[spec]
     rows = tuple(r for r in spec.strip().split("/"))
     if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
-        raise UserError(f"--map {spec!r}: expected one of {', '.join(MAPS)} or rows of equal length "
-                        "separated by '/', e.g. 'SFFF/FHHF/FHHF/FFGF'")
+        raise UserError(
+            f"--map {spec!r}: expected one of {', '.join(MAPS)} or rows of equal length "
+            "separated by '/', e.g. 'SFFF/FHHF/FHHF/FFGF'"
+        )
     bad = sorted(set("".join(rows)) - set("SFHG"))
     if bad:
         raise UserError(f"--map {spec!r}: unexpected letter(s) {''.join(bad)}; expected only S, F, H, G")
@@ -102,9 +104,17 @@ def build_lake(desc: tuple[str, ...]) -> Lake:
             nxt[s, a], rew[s, a], done[s, a] = s2, r, d
     env.close()
     flat = "".join(desc)
-    lake = Lake(desc=tuple(desc), nrow=len(desc), ncol=len(desc[0]), transitions=nxt, rewards=rew,
-                done=done, terminal=np.array([c in "HG" for c in flat]), start=flat.index("S"),
-                goal=flat.index("G"))
+    lake = Lake(
+        desc=tuple(desc),
+        nrow=len(desc),
+        ncol=len(desc[0]),
+        transitions=nxt,
+        rewards=rew,
+        done=done,
+        terminal=np.array([c in "HG" for c in flat]),
+        start=flat.index("S"),
+        goal=flat.index("G"),
+    )
     lake.routes = find_routes(lake)
     return lake
 
@@ -129,8 +139,10 @@ def find_routes(lake: Lake, limit: int = 3, budget: int = 200_000) -> list[list[
                 continue
             left[0] -= 1
             if left[0] < 0:
-                raise UserError(f"map {shape!r} is too open to list its routes; the study needs "
-                                "exactly two simple hole-free routes (one optimal, one sub-optimal)")
+                raise UserError(
+                    f"map {shape!r} is too open to list its routes; the study needs "
+                    "exactly two simple hole-free routes (one optimal, one sub-optimal)"
+                )
             path.append(s2)
             walk(path)
             path.pop()
@@ -141,12 +153,15 @@ def find_routes(lake: Lake, limit: int = 3, budget: int = 200_000) -> list[list[
         walk([lake.start])
     if len(found) != 2:
         what = "no route" if not found else ("only one route" if len(found) == 1 else "more than two routes")
-        raise UserError(f"map {shape!r} has {what} from S to G; the study needs exactly two simple "
-                        "hole-free routes (one optimal, one sub-optimal)")
+        raise UserError(
+            f"map {shape!r} has {what} from S to G; the study needs exactly two simple "
+            "hole-free routes (one optimal, one sub-optimal)"
+        )
     found.sort(key=len)
     if len(found[0]) == len(found[1]):
-        raise UserError(f"map {shape!r}: both routes take {len(found[0]) - 1} steps; "
-                        "the study needs one shorter (optimal) route")
+        raise UserError(
+            f"map {shape!r}: both routes take {len(found[0]) - 1} steps; the study needs one shorter (optimal) route"
+        )
     return found
 
 

@@ -9,8 +9,8 @@ where a_i is the action from s_i to s_{i+1}: the state is the "token", the actio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -34,11 +34,16 @@ class Task:
     rejected_actions: torch.Tensor  # (m,)
 
     @classmethod
-    def from_lake(cls, lake: Lake) -> "Task":
+    def from_lake(cls, lake: Lake) -> Task:
         best, other = lake.routes
-        return cls(n_states=lake.n_states, transitions=torch.as_tensor(lake.transitions),
-                   chosen=torch.tensor(best[:-1]), chosen_actions=torch.tensor(lake.route_actions(best)),
-                   rejected=torch.tensor(other[:-1]), rejected_actions=torch.tensor(lake.route_actions(other)))
+        return cls(
+            n_states=lake.n_states,
+            transitions=torch.as_tensor(lake.transitions),
+            chosen=torch.tensor(best[:-1]),
+            chosen_actions=torch.tensor(lake.route_actions(best)),
+            rejected=torch.tensor(other[:-1]),
+            rejected_actions=torch.tensor(lake.route_actions(other)),
+        )
 
 
 @dataclass
@@ -75,7 +80,7 @@ def sft_loss(params: Params, task: Task, hp: Hyper, ref: dict) -> LossOut:
 
 
 def intuited_states(params: Params, task: Task) -> torch.Tensor:
-    """s'_i = T(s_{i-1}, argmax pi(.|s_{i-1})) for i >= 1, and s'_0 = s_0 (spec step 2); (G, n).
+    """s'_i = T(s_{i-1}, argmax pi(.|s_{i-1})) for i >= 1, and s'_0 = s_0 (docs/objective.md, step 2); (G, n).
 
     The policy's own greedy move from the previous target state: where it errs, s'_i is a
     cell off the route. No gradient flows through the choice."""
@@ -89,11 +94,10 @@ def intuited_states(params: Params, task: Task) -> torch.Tensor:
 
 def ift_loss(params: Params, task: Task, hp: Hyper, ref: dict) -> LossOut:
     """IFT (eq. 17 and 22): inputs (1-lam)*onehot(s_i) + lam*onehot(s'_i), positions weighted by
-    `iftune.objective.relation_weights`, per-route mean as in spec step 6."""
+    `iftune.objective.relation_weights`, per-route mean as in docs/objective.md, step 6."""
     g = params[0].shape[0]
     further = intuited_states(params, task)
-    x = mix_embeddings(one_hot(task.chosen, task.n_states).expand(g, -1, -1),
-                       one_hot(further, task.n_states), hp.lam)
+    x = mix_embeddings(one_hot(task.chosen, task.n_states).expand(g, -1, -1), one_hot(further, task.n_states), hp.lam)
     lp = log_probs(params, x).gather(-1, task.chosen_actions.expand(g, -1)[..., None])[..., 0]
     mask = torch.ones_like(lp)
     w = relation_weights(lp, mask, gamma=hp.gamma, propagation=hp.propagation)
@@ -127,8 +131,10 @@ def orpo_loss(params: Params, task: Task, hp: Hyper, ref: dict) -> LossOut:
 def reference_terms(start: Params, task: Task) -> dict:
     """What DPO needs from its frozen reference (the starting policy)."""
     with torch.no_grad():
-        return {"chosen_sum": route_logps(start, task.chosen, task.chosen_actions, task.n_states).sum(-1),
-                "rejected_sum": route_logps(start, task.rejected, task.rejected_actions, task.n_states).sum(-1)}
+        return {
+            "chosen_sum": route_logps(start, task.chosen, task.chosen_actions, task.n_states).sum(-1),
+            "rejected_sum": route_logps(start, task.rejected, task.rejected_actions, task.n_states).sum(-1),
+        }
 
 
 def loss_fn(method: str, hp: Hyper) -> Callable[[Params, Task, dict], LossOut]:
@@ -137,8 +143,14 @@ def loss_fn(method: str, hp: Hyper) -> Callable[[Params, Task, dict], LossOut]:
         hp = replace(hp, gamma=0.0)
     elif method == "ift-count":  # eq. 22 read literally: weights count the later positions
         hp = replace(hp, propagation="mask")
-    fn = {"sft": sft_loss, "ift": ift_loss, "ift-mix": ift_loss, "ift-count": ift_loss,
-          "dpo": dpo_loss, "orpo": orpo_loss}[method]
+    fn = {
+        "sft": sft_loss,
+        "ift": ift_loss,
+        "ift-mix": ift_loss,
+        "ift-count": ift_loss,
+        "dpo": dpo_loss,
+        "orpo": orpo_loss,
+    }[method]
     return lambda params, task, ref: fn(params, task, hp, ref)
 
 

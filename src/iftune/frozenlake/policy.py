@@ -24,10 +24,15 @@ def init_params(seeds: list[int], n_states: int, hidden: int, n_actions: int = 4
     per_seed = []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
-        shapes = [((n_states, hidden), n_states), ((hidden,), n_states),
-                  ((hidden, n_actions), hidden), ((n_actions,), hidden)]
-        per_seed.append([(torch.rand(shape, generator=g, dtype=DTYPE) * 2 - 1) / math.sqrt(fan)
-                         for shape, fan in shapes])
+        shapes = [
+            ((n_states, hidden), n_states),
+            ((hidden,), n_states),
+            ((hidden, n_actions), hidden),
+            ((n_actions,), hidden),
+        ]
+        per_seed.append(
+            [(torch.rand(shape, generator=g, dtype=DTYPE) * 2 - 1) / math.sqrt(fan) for shape, fan in shapes]
+        )
     return [torch.stack(ts) for ts in zip(*per_seed)]
 
 
@@ -82,8 +87,9 @@ def make_optimizer(params: Params, name: str, lr: float) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=lr)
 
 
-def fit_distribution(start: Params, target: torch.Tensor, states: list[int], *, steps: int = 5000,
-                     lr: float = 0.01, tol: float = 1e-5) -> Params:
+def fit_distribution(
+    start: Params, target: torch.Tensor, states: list[int], *, steps: int = 5000, lr: float = 0.01, tol: float = 1e-5
+) -> Params:
     """Train `start` on KL(target || pi) over `states` with Adam until every seed's KL < tol.
 
     Used for theta* (target pi*) and for the `uniform` start (target uniform).

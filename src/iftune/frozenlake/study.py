@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from iftune.frozenlake import policy
-from iftune.frozenlake.env import (DEFAULT_MAP, Lake, Roller, build_lake, parse_map, target_policy,
-                                   value_iteration)
+from iftune.frozenlake.env import DEFAULT_MAP, Lake, Roller, build_lake, parse_map, target_policy, value_iteration
 from iftune.frozenlake.methods import METHODS, Hyper, Task, loss_fn, reference_terms, route_logps
 from iftune.stats import paired as paired_stats
 
@@ -130,8 +129,9 @@ def evaluate(world: World, params: policy.Params, seen: torch.Tensor) -> dict[st
     }
 
 
-def train_method(world: World, start: policy.Params, method: str, s: Settings,
-                 eval_steps: list[int]) -> dict[str, np.ndarray]:
+def train_method(
+    world: World, start: policy.Params, method: str, s: Settings, eval_steps: list[int]
+) -> dict[str, np.ndarray]:
     """Fine-tune every seed's start with one method; metrics (n_checkpoints, G) at `eval_steps`."""
     fn = loss_fn(method, s.hyper())
     ref = reference_terms(start, world.task)
@@ -167,20 +167,26 @@ def sample_std(values: np.ndarray, axis: int | None = None) -> np.ndarray | floa
 
 def pairs(methods: tuple[str, ...]) -> list[tuple[str, str]]:
     order = [m for m in PAIR_ORDER if m in methods] + [m for m in methods if m not in PAIR_ORDER]
-    return [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+    return [(a, b) for i, a in enumerate(order) for b in order[i + 1 :]]
 
 
 def summarize(curves: dict[str, dict[str, np.ndarray]], eval_steps: list[int]) -> tuple[dict, dict]:
     """`methods.<name>.<metric>` and `paired.<a>_vs_<b>.<metric>` of results.json."""
     methods = {}
     for name, c in curves.items():
-        methods[name] = {m: {"mean": float(v[-1].mean()), "std": float(sample_std(v[-1])),
-                             "per_seed": v[-1].tolist(),
-                             "per_step": {"step": list(eval_steps), "mean": v.mean(1).tolist(),
-                                          "std": sample_std(v, 1).tolist()}}
-                         for m, v in c.items()}
-    table = {f"{a}_vs_{b}": {m: paired(curves[a][m][-1], curves[b][m][-1], m) for m in METRICS}
-             for a, b in pairs(tuple(curves))}
+        methods[name] = {
+            m: {
+                "mean": float(v[-1].mean()),
+                "std": float(sample_std(v[-1])),
+                "per_seed": v[-1].tolist(),
+                "per_step": {"step": list(eval_steps), "mean": v.mean(1).tolist(), "std": sample_std(v, 1).tolist()},
+            }
+            for m, v in c.items()
+        }
+    table = {
+        f"{a}_vs_{b}": {m: paired(curves[a][m][-1], curves[b][m][-1], m) for m in METRICS}
+        for a, b in pairs(tuple(curves))
+    }
     return methods, table
 
 
@@ -195,9 +201,13 @@ def run_study(s: Settings, world: World | None = None) -> dict:
     lake = world.lake
     return {
         "settings": {**asdict(s), "methods": list(s.methods)},
-        "map": {"desc": list(lake.desc), "optimal_route": lake.routes[0], "suboptimal_route": lake.routes[1],
-                "theta_star_kl_max": float(policy.kl_to(world.theta_star, world.pi_star, world.states).max()),
-                "start_kl_mean": float(policy.kl_to(start, world.pi_star, world.states).mean())},
+        "map": {
+            "desc": list(lake.desc),
+            "optimal_route": lake.routes[0],
+            "suboptimal_route": lake.routes[1],
+            "theta_star_kl_max": float(policy.kl_to(world.theta_star, world.pi_star, world.states).max()),
+            "start_kl_mean": float(policy.kl_to(start, world.pi_star, world.states).mean()),
+        },
         "steps": eval_steps,
         "methods": methods,
         "paired": table,
@@ -214,8 +224,12 @@ def markdown_table(results: dict) -> str:
     for name, m in results["methods"].items():
         cells = [f"{m[k]['mean']:.3g} ± {m[k]['std']:.2g}" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| pair (a vs b) | MSE: mean diff (a - b) | MSE: a better in | MSE: paired t "
-              "| KL: mean diff | KL: a better in | KL: paired t |", "|" + "---|" * 7]
+    lines += [
+        "",
+        "| pair (a vs b) | MSE: mean diff (a - b) | MSE: a better in | MSE: paired t "
+        "| KL: mean diff | KL: a better in | KL: paired t |",
+        "|" + "---|" * 7,
+    ]
     for pair, stats in results["paired"].items():
         cells = []
         for metric in ("param_mse", "kl"):
@@ -235,8 +249,11 @@ def plot(results: dict, path: str) -> None:
 
     curves, steps = results["curves"], results["steps"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("param_mse", "parameter MSE to θ*"), ("kl", "KL(π*‖π), non-terminal states"),
-              ("explored_cells", "distinct cells in training inputs")]
+    panels = [
+        ("param_mse", "parameter MSE to θ*"),
+        ("kl", "KL(π*‖π), non-terminal states"),
+        ("explored_cells", "distinct cells in training inputs"),
+    ]
     for ax, (metric, title) in zip(axes.flat, panels):
         for name, c in curves.items():
             v = c[metric]
@@ -255,8 +272,11 @@ def plot(results: dict, path: str) -> None:
     ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
     ax.set_title("final parameter MSE per seed", fontsize=10)
     st = results["settings"]
-    fig.suptitle(f"Frozen Lake {st['map']}: base={st['base']}, {st['optimizer']} lr={st['lr']}, "
-                 f"{st['steps']} steps, {st['seeds']} seeds", fontsize=11)
+    fig.suptitle(
+        f"Frozen Lake {st['map']}: base={st['base']}, {st['optimizer']} lr={st['lr']}, "
+        f"{st['steps']} steps, {st['seeds']} seeds",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -285,17 +305,30 @@ def run_sweep(s: Settings, progress=None) -> dict:
     for base in BASES:
         for opt in OPTIMIZERS:
             for lr in SWEEP_LRS[opt]:
-                run = Settings(**{**asdict(s), "base": base, "optimizer": opt, "lr": lr,
-                                  "methods": ("sft", "ift", "dpo", "orpo")})
+                run = Settings(
+                    **{**asdict(s), "base": base, "optimizer": opt, "lr": lr, "methods": ("sft", "ift", "dpo", "orpo")}
+                )
                 start = make_start(world, base, run.base_steps)
                 curves = {m: train_method(world, start, m, run, [0, *SWEEP_STEPS]) for m in run.methods}
                 for k, steps in enumerate(SWEEP_STEPS, 1):
-                    wins, kl_wins = ({claim_name(a, b): paired(curves[a][m][k], curves[b][m][k], m)["win_rate"]
-                                      for a, b in CLAIMS} for m in ("param_mse", "kl"))
+                    wins, kl_wins = (
+                        {claim_name(a, b): paired(curves[a][m][k], curves[b][m][k], m)["win_rate"] for a, b in CLAIMS}
+                        for m in ("param_mse", "kl")
+                    )
                     mse = {m: float(c["param_mse"][k].mean()) for m, c in curves.items()}
-                    rows.append({"base": base, "optimizer": opt, "lr": lr, "steps": steps, "win_rate": wins,
-                                 "holds": {c: w > 0.5 for c, w in wins.items()}, "param_mse_mean": mse,
-                                 "kl_win_rate": kl_wins, "kl_holds": {c: w > 0.5 for c, w in kl_wins.items()}})
+                    rows.append(
+                        {
+                            "base": base,
+                            "optimizer": opt,
+                            "lr": lr,
+                            "steps": steps,
+                            "win_rate": wins,
+                            "holds": {c: w > 0.5 for c, w in wins.items()},
+                            "param_mse_mean": mse,
+                            "kl_win_rate": kl_wins,
+                            "kl_holds": {c: w > 0.5 for c, w in kl_wins.items()},
+                        }
+                    )
                 if progress:
                     progress(f"sweep: base={base} optimizer={opt} lr={lr} done")
     claims = [claim_name(a, b) for a, b in CLAIMS]
@@ -303,31 +336,49 @@ def run_sweep(s: Settings, progress=None) -> dict:
     kl_counts = {c: sum(r["kl_holds"][c] for r in rows) for c in claims}
     full = sum(all(r["holds"][c] for c in claims[:3]) for r in rows)
     kl_full = sum(all(r["kl_holds"][c] for c in claims[:3]) for r in rows)
-    return {"settings": {k: v for k, v in asdict(s).items() if k not in ("base", "optimizer", "lr", "steps")},
-            "grid": {"base": list(BASES), "optimizer": list(OPTIMIZERS),
-                     "lr": {k: list(v) for k, v in SWEEP_LRS.items()}, "steps": list(SWEEP_STEPS)},
-            "claims": claims, "rows": rows, "holds_count": counts, "full_order_count": full,
-            "kl_holds_count": kl_counts, "kl_full_order_count": kl_full,
-            "n_settings": len(rows), "runtime_s": round(time.perf_counter() - t0, 2)}
+    return {
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("base", "optimizer", "lr", "steps")},
+        "grid": {
+            "base": list(BASES),
+            "optimizer": list(OPTIMIZERS),
+            "lr": {k: list(v) for k, v in SWEEP_LRS.items()},
+            "steps": list(SWEEP_STEPS),
+        },
+        "claims": claims,
+        "rows": rows,
+        "holds_count": counts,
+        "full_order_count": full,
+        "kl_holds_count": kl_counts,
+        "kl_full_order_count": kl_full,
+        "n_settings": len(rows),
+        "runtime_s": round(time.perf_counter() - t0, 2),
+    }
 
 
 def sweep_markdown(sweep: dict) -> str:
     """The robustness map as a table: one row per setting, each claim's win rate over seeds."""
     claims = sweep["claims"]
-    lines = ["| base | optimizer | lr | steps | " + " | ".join(claims) + " | full order |",
-             "|" + "---|" * (5 + len(claims))]
+    lines = [
+        "| base | optimizer | lr | steps | " + " | ".join(claims) + " | full order |",
+        "|" + "---|" * (5 + len(claims)),
+    ]
     for r in sweep["rows"]:
         cells = [f"{'✓' if r['holds'][c] else '✗'} {r['win_rate'][c]:.0%}" for c in claims]
         full = "✓" if all(r["holds"][c] for c in claims[:3]) else ""
-        lines.append(f"| {r['base']} | {r['optimizer']} | {r['lr']:g} | {r['steps']} | " + " | ".join(cells)
-                     + f" | {full} |")
+        lines.append(
+            f"| {r['base']} | {r['optimizer']} | {r['lr']:g} | {r['steps']} | " + " | ".join(cells) + f" | {full} |"
+        )
     n = sweep["n_settings"]
-    lines += ["", "Settings where each claim holds in the majority of seeds: "
-              + ", ".join(f"{c} {k}/{n}" for c, k in sweep["holds_count"].items())
-              + f"; the full order DPO>IFT>ORPO>SFT: {sweep['full_order_count']}/{n}.",
-              "", "The same claims in KL(pi*‖pi) instead of parameter MSE: "
-              + ", ".join(f"{c} {k}/{n}" for c, k in sweep["kl_holds_count"].items())
-              + f"; the full order: {sweep['kl_full_order_count']}/{n}."]
+    lines += [
+        "",
+        "Settings where each claim holds in the majority of seeds: "
+        + ", ".join(f"{c} {k}/{n}" for c, k in sweep["holds_count"].items())
+        + f"; the full order DPO>IFT>ORPO>SFT: {sweep['full_order_count']}/{n}.",
+        "",
+        "The same claims in KL(pi*‖pi) instead of parameter MSE: "
+        + ", ".join(f"{c} {k}/{n}" for c, k in sweep["kl_holds_count"].items())
+        + f"; the full order: {sweep['kl_full_order_count']}/{n}.",
+    ]
     return "\n".join(lines)
 
 

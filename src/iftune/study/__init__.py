@@ -29,25 +29,46 @@ from iftune.study.analysis import analyse, forest_plot, primary, table
 from iftune.study.runs import base_pairs_path, make_pairs, run_one, run_path, save_json
 from iftune.study.settings import METHODS, QUICK, StudySettings
 
-QUICK_BASE = {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32, "num_attention_heads": 2,
-              "corpus_docs": 300, "batch_size": 8, "pretrain_steps": 3}
+QUICK_BASE = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "intermediate_size": 32,
+    "num_attention_heads": 2,
+    "corpus_docs": 300,
+    "batch_size": 8,
+    "pretrain_steps": 3,
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     d = StudySettings()
-    p = argparse.ArgumentParser(prog="iftune study", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bases", type=int, default=d.bases, help="base models (pre-training seeds 0..N-1; 0 ships with iftune)")
+    p = argparse.ArgumentParser(
+        prog="iftune study", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--bases", type=int, default=d.bases, help="base models (pre-training seeds 0..N-1; 0 ships with iftune)"
+    )
     p.add_argument("--seeds", type=int, default=d.seeds, help="fine-tuning seeds per base and method")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="methods to run")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, one torch thread each)")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/study",
-                   help="study.json, study.png, and every run's result (a rerun continues from them)")
-    p.add_argument("--build-base", action="store_true",
-                   help="build base 0 with the builder instead of using the copy shipped with iftune")
-    p.add_argument("--report-only", action="store_true",
-                   help="analyse the runs saved so far in --output-dir without running more (same settings)")
+    p.add_argument(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        default="outputs/study",
+        help="study.json, study.png, and every run's result (a rerun continues from them)",
+    )
+    p.add_argument(
+        "--build-base",
+        action="store_true",
+        help="build base 0 with the builder instead of using the copy shipped with iftune",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="analyse the runs saved so far in --output-dir without running more (same settings)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny, minute-long version for tests")
     args = p.parse_args(argv)
     for flag in ("bases", "seeds", "steps", "workers"):
@@ -80,8 +101,10 @@ def check_resume(work: Path, s: StudySettings, build: bool) -> None:
         before = json.loads(saved.read_text())
         changed = sorted(k for k in mine if k != "methods" and before.get(k) != mine[k])
         if changed:
-            raise UserError(f"--output-dir {work} holds a study with other settings ({', '.join(changed)}); "
-                            f"use another --output-dir or delete it")
+            raise UserError(
+                f"--output-dir {work} holds a study with other settings ({', '.join(changed)}); "
+                f"use another --output-dir or delete it"
+            )
     save_json(mine, saved)
 
 
@@ -103,8 +126,13 @@ def prepare_base(work: Path, s: StudySettings, index: int, build: bool) -> dict:
     pair_examples, heldout = read_data(work, s)
     counts = make_pairs(folder, pair_examples, False, base_pairs_path(work, index))
     score = evaluate(folder, heldout)
-    info = {"index": index, "path": str(folder), "spec": asdict(base_spec(s, index)), "pairs": counts,
-            "score": {k: score[k] for k in ("exact_match", "step_accuracy", "heldout_nll")}}
+    info = {
+        "index": index,
+        "path": str(folder),
+        "spec": asdict(base_spec(s, index)),
+        "pairs": counts,
+        "score": {k: score[k] for k in ("exact_match", "step_accuracy", "heldout_nll")},
+    }
     return json.loads(save_json(info, path).read_text())
 
 
@@ -157,8 +185,14 @@ def execute(jobs: list, workers: int, desc: str) -> list:
 def commit() -> str | None:
     """`git describe --always --dirty` of the source tree, when it is a git checkout."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], check=False, cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            check=False,
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -184,37 +218,78 @@ def run_study(args: argparse.Namespace) -> int:
             raise UserError(f"--report-only: {work} holds no study yet")
     else:
         prepare_data(work, s)
-        bases = sorted(execute([partial(prepare_base, work, s, b, args.build_base) for b in range(s.bases)],
-                               min(args.workers, s.bases), "base models"), key=lambda b: b["index"])
-        todo = [(b, m, seed) for seed in range(s.seeds) for b in bases for m in s.methods
-                if not run_path(work, b["index"], m, seed).exists()]
+        bases = sorted(
+            execute(
+                [partial(prepare_base, work, s, b, args.build_base) for b in range(s.bases)],
+                min(args.workers, s.bases),
+                "base models",
+            ),
+            key=lambda b: b["index"],
+        )
+        todo = [
+            (b, m, seed)
+            for seed in range(s.seeds)
+            for b in bases
+            for m in s.methods
+            if not run_path(work, b["index"], m, seed).exists()
+        ]
         print(f"{s.bases * s.seeds * len(s.methods) - len(todo)} runs already saved in {work}, {len(todo)} to go")
-        execute([partial(run_job, work, s, b, m, seed) for b, m, seed in todo], args.workers,
-                "fine-tuning and scoring")
+        execute([partial(run_job, work, s, b, m, seed) for b, m, seed in todo], args.workers, "fine-tuning and scoring")
     paths = [run_path(work, b["index"], m, seed) for seed in range(s.seeds) for b in bases for m in s.methods]
     runs = [json.loads(p.read_text()) for p in paths if p.exists()]
-    report(work, s, bases, runs, time.perf_counter() - start, source,
-           missing=s.bases * s.seeds * len(s.methods) - len(runs))
+    report(
+        work,
+        s,
+        bases,
+        runs,
+        time.perf_counter() - start,
+        source,
+        missing=s.bases * s.seeds * len(s.methods) - len(runs),
+    )
     return 0
 
 
-def report(work: Path, s: StudySettings, bases: list[dict], runs: list[dict], seconds: float, source: str | None,
-           missing: int = 0) -> dict:
+def report(
+    work: Path,
+    s: StudySettings,
+    bases: list[dict],
+    runs: list[dict],
+    seconds: float,
+    source: str | None,
+    missing: int = 0,
+) -> dict:
     """Write study.json and study.png, print the tables; returns study.json's content."""
     analysis = analyse(runs, list(s.methods), s.n_boot)
     answer = primary(analysis)
-    out = {"settings": {**asdict(s), "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS], "data_seed": DATA_SEED,
-                        "methods": {m: [asdict(st) for st in METHODS[m]] for m in s.methods}},
-           "commit": source, "answer": answer, "runs_missing": missing, "bases": bases, **analysis, "runs": runs,
-           "seconds_this_invocation": round(seconds, 1)}
+    out = {
+        "settings": {
+            **asdict(s),
+            "task_steps": [TASK_MIN_STEPS, TASK_MAX_STEPS],
+            "data_seed": DATA_SEED,
+            "methods": {m: [asdict(st) for st in METHODS[m]] for m in s.methods},
+        },
+        "commit": source,
+        "answer": answer,
+        "runs_missing": missing,
+        "bases": bases,
+        **analysis,
+        "runs": runs,
+        "seconds_this_invocation": round(seconds, 1),
+    }
     save_json(out, work / "study.json")
     forest_plot(analysis, work / "study.png")
-    print(f"\n{s.bases} bases x {s.seeds} seeds, {s.steps} steps per run; held-out: {s.n_heldout} problems "
-          f"of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} steps, greedy")
+    print(
+        f"\n{s.bases} bases x {s.seeds} seeds, {s.steps} steps per run; held-out: {s.n_heldout} problems "
+        f"of {TASK_MIN_STEPS}-{TASK_MAX_STEPS} steps, greedy"
+    )
     if missing:
-        print(f"INCOMPLETE: {missing} of the study's runs are not saved yet; these numbers use the {len(runs)} that are")
+        print(
+            f"INCOMPLETE: {missing} of the study's runs are not saved yet; these numbers use the {len(runs)} that are"
+        )
     print(table(analysis))
-    print(f"\nmean ± sample std over all runs; a - b: mean over bases of the per-base mean paired difference, "
-          f"95% hierarchical bootstrap interval.\nPre-registered answer (docs/study.md): {answer}. "
-          f"{seconds:.0f} s.\nwrote {work / 'study.json'} and {work / 'study.png'}")
+    print(
+        f"\nmean ± sample std over all runs; a - b: mean over bases of the per-base mean paired difference, "
+        f"95% hierarchical bootstrap interval.\nPre-registered answer (docs/study.md): {answer}. "
+        f"{seconds:.0f} s.\nwrote {work / 'study.json'} and {work / 'study.png'}"
+    )
     return out

@@ -53,7 +53,7 @@ def compare(runs: list[dict], a: str, b: str, metric: str, n_boot: int, seed: in
 
 
 def verdict(stat: dict | None, lower_is_better: bool = False) -> str:
-    """"a better", "b better" or "inconclusive": a direction only when the interval excludes 0."""
+    """ "a better", "b better" or "inconclusive": a direction only when the interval excludes 0."""
     if stat is None:
         return "not run"
     if stat["low"] > 0:
@@ -88,11 +88,16 @@ def table(analysis: dict) -> str:
     pct = {"exact_match": 100, "step_accuracy": 100, "heldout_nll": 1}
     lines = [f"{'method':<10} {'runs':>4} {'exact match %':>15} {'step accuracy %':>16} {'held-out NLL':>14}"]
     for m, row in analysis["methods"].items():
-        cells = [f"{pct[k] * row[k]['mean']:.{3 if k == 'heldout_nll' else 1}f} ± "
-                 f"{pct[k] * row[k]['std']:.{3 if k == 'heldout_nll' else 1}f}" for k in METRICS]
+        cells = [
+            f"{pct[k] * row[k]['mean']:.{3 if k == 'heldout_nll' else 1}f} ± "
+            f"{pct[k] * row[k]['std']:.{3 if k == 'heldout_nll' else 1}f}"
+            for k in METRICS
+        ]
         lines.append(f"{m:<10} {row['n_runs']:>4} {cells[0]:>15} {cells[1]:>16} {cells[2]:>14}")
-    header = (f"{'a - b (paired)':<18} {'exact match % [95% CI]':>26} {'step accuracy % [95% CI]':>26} "
-              f"{'held-out NLL [95% CI]':>26}")
+    header = (
+        f"{'a - b (paired)':<18} {'exact match % [95% CI]':>26} {'step accuracy % [95% CI]':>26} "
+        f"{'held-out NLL [95% CI]':>26}"
+    )
     lines += ["", header]
     for name, row in analysis["comparisons"].items():
         cells = []
@@ -118,18 +123,33 @@ def forest_plot(analysis: dict, path) -> None:
     names = list(analysis["comparisons"])
     fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 0.45 * len(names) + 1.6), sharey=True)
     scale = {"exact_match": 100, "step_accuracy": 100, "heldout_nll": 1}
-    label = {"exact_match": "exact match, points", "step_accuracy": "step accuracy, points",
-             "heldout_nll": "held-out NLL (lower is better)"}
+    label = {
+        "exact_match": "exact match, points",
+        "step_accuracy": "step accuracy, points",
+        "heldout_nll": "held-out NLL (lower is better)",
+    }
     for ax, metric in zip(axes, METRICS):
         for y, name in enumerate(names):
             st = analysis["comparisons"][name][metric]
             if st is None:
                 continue
             k = scale[metric]
-            ax.errorbar(k * st["mean"], y, xerr=[[k * (st["mean"] - st["low"])], [k * (st["high"] - st["mean"])]],
-                        fmt="o", color="black", capsize=3)
-            ax.scatter([k * v for v in st["per_base"].values()], [y] * len(st["per_base"]), s=10,
-                       color="tab:blue", alpha=0.6, zorder=3)
+            ax.errorbar(
+                k * st["mean"],
+                y,
+                xerr=[[k * (st["mean"] - st["low"])], [k * (st["high"] - st["mean"])]],
+                fmt="o",
+                color="black",
+                capsize=3,
+            )
+            ax.scatter(
+                [k * v for v in st["per_base"].values()],
+                [y] * len(st["per_base"]),
+                s=10,
+                color="tab:blue",
+                alpha=0.6,
+                zorder=3,
+            )
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set(xlabel=f"a - b, {label[metric]}")
     axes[0].set_yticks(range(len(names)), [n.replace("_vs_", " - ") for n in names])

@@ -78,6 +78,11 @@ def build_pairs(examples: list[dict], generated: list[str], seed: int = PAIR_SEE
         else:
             rejected = early_error(parse_prompt(user["content"]), rng)
             counts["synthetic"] += 1
-        rows.append({"prompt": [user], "chosen": [{"role": "assistant", "content": reference}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
+        rows.append(
+            {
+                "prompt": [user],
+                "chosen": [{"role": "assistant", "content": reference}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return rows, counts

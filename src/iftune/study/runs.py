@@ -49,24 +49,49 @@ def make_pairs(model_dir: Path, examples: list[dict], chat: bool, path: Path) ->
     return counts
 
 
-def fine_tune(command: str, model: Path, data: Path, out: Path, steps: int, seed: int, s: StudySettings,
-              flags: tuple[str, ...]) -> list[dict]:
+def fine_tune(
+    command: str, model: Path, data: Path, out: Path, steps: int, seed: int, s: StudySettings, flags: tuple[str, ...]
+) -> list[dict]:
     """One `iftune <command>` training through the library; returns the trainer's log history."""
     from iftune.console import quiet
     from iftune.train import parse, train
 
-    argv = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
-            "--max_steps", str(steps), "--learning_rate", str(s.learning_rate),
-            "--per_device_train_batch_size", str(s.batch_size), "--seed", str(seed), "--report_to", "none",
-            "--logging_steps", "10", "--use_cpu", "true", "--disable_tqdm", "true", "--save_strategy", "no",
-            *(("--beta", str(s.beta)) if command in ("dpo", "orpo") else ()), *flags]
+    argv = [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        str(s.learning_rate),
+        "--per_device_train_batch_size",
+        str(s.batch_size),
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "10",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        *(("--beta", str(s.beta)) if command in ("dpo", "orpo") else ()),
+        *flags,
+    ]
     with quiet():
         trainer = train(command, *parse(command, argv))
     return trainer.state.log_history
 
 
-def stage_data(stage: Stage, steps: int, model: Path, out: Path, work: Path, base: int, examples: list[dict],
-               s: StudySettings) -> tuple[Path, dict | None]:
+def stage_data(
+    stage: Stage, steps: int, model: Path, out: Path, work: Path, base: int, examples: list[dict], s: StudySettings
+) -> tuple[Path, dict | None]:
     """(training file of the stage, pair counts when it uses pairs). "self" pairs are made here,
     from `model`'s own answers to the first steps x batch problems of `examples`."""
     if stage.pairs is None:
@@ -78,8 +103,16 @@ def stage_data(stage: Stage, steps: int, model: Path, out: Path, work: Path, bas
     return path, make_pairs(model, examples[: s.pair_prompts(steps)], True, path)
 
 
-def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str, seed: int,
-            pair_examples: list[dict], heldout: list[dict]) -> dict:
+def run_one(
+    work: Path,
+    s: StudySettings,
+    base: int,
+    base_dir: Path,
+    method: str,
+    seed: int,
+    pair_examples: list[dict],
+    heldout: list[dict],
+) -> dict:
     """Train `method` from `base_dir` with `seed`, score it, save and return the result."""
     start = time.perf_counter()
     model, out, pairs, losses = base_dir, work / "models" / f"base{base}-{method}-seed{seed}", None, []
@@ -92,9 +125,16 @@ def run_one(work: Path, s: StudySettings, base: int, base_dir: Path, method: str
         losses += [h["loss"] for h in history if "loss" in h and "step" in h]
         model = stage_out
     train_seconds = time.perf_counter() - start
-    result = {"base": base, "seed": seed, "method": method, **evaluate(model, heldout), "pairs": pairs,
-              "final_train_loss": losses[-1] if losses else None, "train_seconds": round(train_seconds, 2),
-              "seconds": round(time.perf_counter() - start, 2)}
+    result = {
+        "base": base,
+        "seed": seed,
+        "method": method,
+        **evaluate(model, heldout),
+        "pairs": pairs,
+        "final_train_loss": losses[-1] if losses else None,
+        "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     shutil.rmtree(out, ignore_errors=True)
     save_json(result, run_path(work, base, method, seed))
     return result

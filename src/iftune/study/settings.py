@@ -32,8 +32,17 @@ METHODS: dict[str, tuple[Stage, ...]] = {
 METRICS = ("exact_match", "step_accuracy", "heldout_nll")
 LOWER_IS_BETTER = {"heldout_nll"}
 # (a, b): a - b per (base, seed); the first is the primary comparison.
-COMPARISONS = [("ift", "sft"), ("ift_mix", "sft"), ("ift_prop", "sft"), ("dpo", "sft"), ("orpo", "sft"),
-               ("sft_dpo", "sft"), ("ift", "dpo"), ("ift", "orpo"), ("ift", "sft_dpo")]
+COMPARISONS = [
+    ("ift", "sft"),
+    ("ift_mix", "sft"),
+    ("ift_prop", "sft"),
+    ("dpo", "sft"),
+    ("orpo", "sft"),
+    ("sft_dpo", "sft"),
+    ("ift", "dpo"),
+    ("ift", "orpo"),
+    ("ift", "sft_dpo"),
+]
 
 
 @dataclass(frozen=True)
