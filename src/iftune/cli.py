@@ -1,6 +1,7 @@
 """The `iftune` command: one subcommand per module, imported only when it is used.
 
-Each entry point is `main(argv: list[str]) -> int`. A user mistake raises `UserError`;
+Each entry point is `main(argv: list[str]) -> int`; the training methods share
+`iftune.train.run(method, argv)`. A user mistake raises `UserError`;
 it is printed as one line (no traceback) and the command exits with status 2.
 """
 
@@ -16,10 +17,10 @@ from iftune.errors import UserError
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "ift": ("iftune.train", "main_ift", METHOD_HELP["ift"]),
-    "sft": ("iftune.train", "main_sft", METHOD_HELP["sft"]),
-    "dpo": ("iftune.train", "main_dpo", METHOD_HELP["dpo"]),
-    "orpo": ("iftune.train", "main_orpo", METHOD_HELP["orpo"]),
+    "ift": ("iftune.train", "run", METHOD_HELP["ift"]),
+    "sft": ("iftune.train", "run", METHOD_HELP["sft"]),
+    "dpo": ("iftune.train", "run", METHOD_HELP["dpo"]),
+    "orpo": ("iftune.train", "run", METHOD_HELP["orpo"]),
     "recipes": ("iftune.train", "recipes_main", "list the shipped recipes, or print one's full path"),
     "demo": ("iftune.demo", "main", "offline IFT vs SFT study on a tiny model (the default)"),
     "frozenlake": ("iftune.frozenlake.cli", "main", "the paper's Frozen Lake study"),
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = dashed(argv)
     try:
         entry = getattr(importlib.import_module(module), func)
-        return int(entry(argv) or 0)
+        return int((entry(name, argv) if name in TRAINING else entry(argv)) or 0)
     except UserError as err:
         print(f"iftune {name}: error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ _CHUNK_ELEMENTS = 1 << 25
 
 
 def chunk_positions(vocab_size: int, chunk_elements: int = _CHUNK_ELEMENTS) -> int:
+    """Positions per chunk so that one chunk of logits holds about `chunk_elements` values."""
     return max(1, chunk_elements // max(1, vocab_size))
 
 

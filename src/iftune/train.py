@@ -84,7 +84,9 @@ def trainer_classes(method: str) -> tuple[type, type]:
     raise UserError(f"unknown method '{method}'; expected one of {', '.join(METHODS)}")
 
 
-def make_parser(method: str):
+def make_parser(method: str) -> Any:
+    """The `TrlParser` of `iftune <method>`: iftune's data arguments, the method's config, TRL's
+    `ModelConfig`, with iftune's defaults (bf16 where the GPU has it, `outputs/<method>`)."""
     from trl import ModelConfig, TrlParser
 
     from iftune.trainer import default_bf16
@@ -148,7 +150,8 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
     return script_args, training_args, model_args
 
 
-def load_tokenizer(model_args, trust_remote_code: bool = False):
+def load_tokenizer(model_args, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `--model_name_or_path`; a missing or unreadable model is a `UserError`."""
     from transformers import AutoTokenizer
 
     name = model_args.model_name_or_path
@@ -349,22 +352,6 @@ def run(method: str, argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(method, *parse(method, argv))
     return 0
-
-
-def main_ift(argv: list[str]) -> int:
-    return run("ift", argv)
-
-
-def main_sft(argv: list[str]) -> int:
-    return run("sft", argv)
-
-
-def main_dpo(argv: list[str]) -> int:
-    return run("dpo", argv)
-
-
-def main_orpo(argv: list[str]) -> int:
-    return run("orpo", argv)
 
 
 __all__ = [

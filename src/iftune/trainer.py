@@ -259,6 +259,8 @@ class IFTTrainer(SFTTrainer):
         return torch.Generator(device=device).manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """This micro-batch's share of the step's IFT loss (`ift_loss`, scaled by `window_mean`);
+        logs the IFT metrics. With `return_outputs`, `(loss, None)`: IFT builds no logits."""
         mode = "train" if self.model.training else "eval"
         lam = self.args.lambda_at(self.state.global_step, disturb=mode == "train")
         args = self.args
@@ -336,7 +338,7 @@ class IFTTrainer(SFTTrainer):
         self._metrics[mode]["lambda"].append(lam)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # IFT builds no full logits: evaluation reports the loss only.
+        """`(loss, None, None)`: IFT builds no full logits, so evaluation reports the loss only."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
