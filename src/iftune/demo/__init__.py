@@ -85,41 +85,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def fine_tune(
-    command: str, base: Path, train_file: Path, out: Path, steps: int, seed: int, extra: list[str]
+    command: str,
+    base: Path,
+    train_file: Path,
+    out: Path,
+    steps: int,
+    seed: int,
+    extra: list[str] | tuple[str, ...] = (),
+    *,
+    learning_rate: float = LEARNING_RATE,
+    batch_size: int = BATCH_SIZE,
+    logging_steps: int = 1,
 ) -> list[dict]:
-    """Fine-tune `base` through `iftune.train` with the arguments a user would give `iftune <command>`;
-    returns its log history (a `UserError` reaches the caller as it is)."""
+    """Fine-tune `base` through `iftune.train` with the arguments a user would give `iftune <command>`,
+    quietly; returns its log history (a `UserError` reaches the caller as it is)."""
     from iftune.train import parse, train
 
-    argv = [
-        "--model_name_or_path",
-        str(base),
-        "--dataset_name",
-        str(train_file),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(steps),
-        "--learning_rate",
-        str(LEARNING_RATE),
-        "--per_device_train_batch_size",
-        str(BATCH_SIZE),
-        "--seed",
-        str(seed),
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "1",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--save_strategy",
-        "no",
-        *extra,
-    ]
+    flags = {
+        "model_name_or_path": base, "dataset_name": train_file, "output_dir": out, "max_steps": steps,
+        "learning_rate": learning_rate, "per_device_train_batch_size": batch_size, "seed": seed,
+        "report_to": "none", "logging_steps": logging_steps, "use_cpu": "true", "disable_tqdm": "true",
+        "save_strategy": "no",
+    }  # fmt: skip
+    argv = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
     with quiet():
-        trainer = train(command, *parse(command, argv))
+        trainer = train(command, *parse(command, [*argv, *extra]))
     return trainer.state.log_history
 
 

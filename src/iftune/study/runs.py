@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from iftune.demo import fine_tune
 from iftune.demo.data import write_jsonl
 from iftune.demo.evaluate import answers, evaluate
 from iftune.study.pairs import build_pairs
@@ -49,46 +50,6 @@ def make_pairs(model_dir: Path, examples: list[dict], chat: bool, path: Path) ->
     return counts
 
 
-def fine_tune(
-    command: str, model: Path, data: Path, out: Path, steps: int, seed: int, s: StudySettings, flags: tuple[str, ...]
-) -> list[dict]:
-    """One `iftune <command>` training through the library; returns the trainer's log history."""
-    from iftune.console import quiet
-    from iftune.train import parse, train
-
-    argv = [
-        "--model_name_or_path",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(steps),
-        "--learning_rate",
-        str(s.learning_rate),
-        "--per_device_train_batch_size",
-        str(s.batch_size),
-        "--seed",
-        str(seed),
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "10",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--save_strategy",
-        "no",
-        *(("--beta", str(s.beta)) if command in ("dpo", "orpo") else ()),
-        *flags,
-    ]
-    with quiet():
-        trainer = train(command, *parse(command, argv))
-    return trainer.state.log_history
-
-
 def stage_data(
     stage: Stage, steps: int, model: Path, out: Path, work: Path, base: int, examples: list[dict], s: StudySettings
 ) -> tuple[Path, dict | None]:
@@ -121,7 +82,19 @@ def run_one(
         stage_out, steps = out / f"stage{i}", max(1, round(stage.share * s.steps))
         data, counts = stage_data(stage, steps, model, stage_out, work, base, pair_examples, s)
         pairs = counts or pairs
-        history = fine_tune(stage.command, model, data, stage_out, steps, seed, s, stage.flags)
+        beta = ("--beta", str(s.beta)) if stage.command in ("dpo", "orpo") else ()
+        history = fine_tune(
+            stage.command,
+            model,
+            data,
+            stage_out,
+            steps,
+            seed,
+            (*beta, *stage.flags),
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            logging_steps=10,
+        )
         losses += [h["loss"] for h in history if "loss" in h and "step" in h]
         model = stage_out
     train_seconds = time.perf_counter() - start
