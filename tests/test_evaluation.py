@@ -25,6 +25,7 @@ from iftune import cli
 from iftune.evaluation import data as data_mod
 from iftune.evaluation.report import LEADERBOARD, markdown_table, summarize
 from iftune.evaluation.run import task_plan
+from iftune.tiny import llama
 
 GOLD, WRONG = "B", "D"
 CHAT_TEMPLATE = (
@@ -82,23 +83,8 @@ def make_tokenizer(path: Path, chat: bool = True):
 
 def make_model(path: Path, tok, answer: str, chat: bool = True) -> Path:
     """A tiny Llama that predicts `answer` at every position, saved with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = llama(len(tok), num_hidden_layers=1, num_key_value_heads=2, max_position_embeddings=1024, **ids)
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
         model.model.embed_tokens.weight[:, 0] = 1.0  # every token: same residual stream

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from iftune.errors import UserError
 from iftune.lm_head import intuition_from_hidden
@@ -28,6 +28,7 @@ from iftune.objective import (
     mix_embeddings,
     relation_weights,
 )
+from iftune.tiny import llama
 
 VOCAB = 48
 PROPAGATIONS = ("loss", "logps", "mask")
@@ -39,19 +40,10 @@ NORMS = ("L1", "L2", "softmax", "log")
 
 
 def make_model(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(cfg).double()
+    """The tests' tiny Llama in float64, without a padding row (every token id trains)."""
+    model = llama(VOCAB, seed, max_position_embeddings=64, tie_word_embeddings=tie, attn_implementation="eager",
+                  pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    return model.double()
 
 
 @pytest.fixture
