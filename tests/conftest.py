@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from iftune.tiny import llama, word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# `accelerate launch` of two CPU processes over gloo (DDP); the program and its arguments follow.
+ACCELERATE_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def run_offline(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`args` as a subprocess with this checkout's `src` on the path, one thread each, offline;
+    with `check`, a non-zero exit fails the test with the end of its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=400)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[:4]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

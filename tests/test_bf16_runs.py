@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,12 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from conftest import (
+    ACCELERATE_TWO,
     CHAT_TEMPLATE,
     build_model,
     build_tokenizer,
     conversations,
+    run_offline,
     write_jsonl,
 )
 from iftune import train
@@ -172,30 +171,13 @@ def test_ddp_two_processes_bf16_trains_and_saves(tmp_path):
         "disable_tqdm": "true",
     }
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
+        *ACCELERATE_TWO,
         "-m",
         "iftune.cli",
         "ift",
         *[x for k, v in flags.items() for x in (f"--{k}", str(v))],
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT / "src"),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_offline(cmd)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all(
         torch.isfinite(torch.tensor(h["loss"])) for h in state["log_history"] if "loss" in h

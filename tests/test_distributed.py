@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_offline
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "dist_grads.py"
 # fp32: only the summation order differs from one process (|grad| up to ~0.5 here).
@@ -143,17 +145,7 @@ ZERO3_CONFIG = {
 }
 
 
-def cli_run(cmd: list[str], env_extra: dict | None = None) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT / "src"),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        **(env_extra or {}),
-    }
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+cli_run = run_offline
 
 
 @pytest.mark.slow

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from conftest import build_model, build_tokenizer, conversations
+from conftest import ACCELERATE_TWO, build_model, build_tokenizer, conversations, run_offline
 from iftune.trainer import IFTConfig, IFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,19 +192,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 # ---------------------------------------------------------------- through real processes
 
 
-def _run(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT / "src"),
-        "OMP_NUM_THREADS": "1",
-        **(env_extra or {}),
-    }
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args[:4]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+_run = run_offline
 
 
 def _train_args(model_dir, data, out, **extra) -> list[str]:
@@ -260,17 +246,8 @@ def test_two_processes_match_one(tmp_path, model64_dir, chat_file):
     two = tmp_path / "two"
     _run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
+            *ACCELERATE_TWO,
             "--mixed_precision",
-            "no",
-            "--dynamo_backend",
             "no",
             str(SCRIPT),
             "ift",

@@ -20,6 +20,13 @@ from iftune.trainer import IFTConfig, IFTTrainer
 CPU = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
 
 
+def small_trainer(output_dir, **kwargs) -> IFTTrainer:
+    """An IFTTrainer of the tiny Llama on two conversations, on the CPU."""
+    tok = build_tokenizer()
+    return IFTTrainer(model=build_model(len(tok)), processing_class=tok, args=IFTConfig(output_dir=str(output_dir),
+                      **CPU), train_dataset=Dataset.from_list(conversations(2)), **kwargs)  # fmt: skip
+
+
 def test_private_trl_and_transformers_names_iftune_relies_on():
     """One place that fails when a TRL or transformers upgrade renames what IFTTrainer uses."""
     from transformers import Trainer
@@ -32,12 +39,7 @@ def test_private_trl_and_transformers_names_iftune_relies_on():
     for name in ("_prepare_inputs", "compute_loss_context_manager", "loss_is_scaled_for_ga"):
         assert hasattr(Trainer, name), name
     # Read or set: TRL's metric store, model-card attributes.
-    trainer = IFTTrainer(
-        model=build_model(len(build_tokenizer())),
-        processing_class=build_tokenizer(),
-        args=IFTConfig(output_dir="unused", **CPU),
-        train_dataset=Dataset.from_list(conversations(2)),
-    )
+    trainer = small_trainer("unused")
     assert set(trainer._metrics) == {"train", "eval"}
     for name in ("_tag_names", "_name", "_paper"):
         assert hasattr(SFTTrainer, name), name
@@ -56,25 +58,12 @@ def test_options_the_ift_loss_would_ignore_are_refused(tmp_path, option):
 
 
 def test_compute_loss_func_is_refused(tmp_path):
-    tok = build_tokenizer()
     with pytest.raises(UserError, match="compute_loss_func"):
-        IFTTrainer(
-            model=build_model(len(tok)),
-            processing_class=tok,
-            args=IFTConfig(output_dir=str(tmp_path), **CPU),
-            train_dataset=Dataset.from_list(conversations(2)),
-            compute_loss_func=lambda *a, **k: 0,
-        )
+        small_trainer(tmp_path, compute_loss_func=lambda *a, **k: 0)
 
 
 def test_fsdp1_is_refused_and_fsdp2_accepted(tmp_path):
-    tok = build_tokenizer()
-    trainer = IFTTrainer(
-        model=build_model(len(tok)),
-        processing_class=tok,
-        args=IFTConfig(output_dir=str(tmp_path), **CPU),
-        train_dataset=Dataset.from_list(conversations(2)),
-    )
+    trainer = small_trainer(tmp_path)
     trainer.is_fsdp_enabled = True
     trainer.accelerator.state.fsdp_plugin = SimpleNamespace(fsdp_version=2)
     trainer._check_parallelism()
@@ -195,13 +184,7 @@ def test_recipes_command_lists_and_resolves(capsys):
 
 def test_padding_free_collator_keys_reach_both_forwards(tmp_path):
     """cu_seq_lens_*, max_length_* (flash-attention varlen) are passed on, not rebuilt per layer."""
-    tok = build_tokenizer()
-    trainer = IFTTrainer(
-        model=build_model(len(tok)),
-        processing_class=tok,
-        args=IFTConfig(output_dir=str(tmp_path), **CPU),
-        train_dataset=Dataset.from_list(conversations(2)),
-    )
+    trainer = small_trainer(tmp_path)
     ids = torch.tensor([[1, 7, 8, 9, 1, 10, 11]])
     inputs = {
         "input_ids": ids,
