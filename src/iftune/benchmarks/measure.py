@@ -13,6 +13,7 @@ resident memory on a CPU, `max_memory_allocated` on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import resource
@@ -71,6 +72,11 @@ class Relay:
         # CPU seconds of the whole process per step: only the turn holder runs, so on a loaded
         # machine they count the step's own work where the wall time also counts waiting.
         self.cpu_times: dict[str, list[float]] = {n: [] for n in names}
+        # The trainers share one model: each one's set-up inside `train()` (moving and wrapping
+        # the model) must not overlap another's step, so the threads start one after another,
+        # each once the previous one is set up, and no step runs before all are.
+        self.set_up = {n: threading.Event() for n in names}
+        self.all_set_up = threading.Barrier(len(names))
 
     def _next(self, name: str) -> str | None:
         if len(self.order) <= 1:
@@ -104,6 +110,10 @@ class Relay:
             held, mark, cpu = False, None, 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
+                if not self.held:
+                    relay.set_up[name].set()
+                    with contextlib.suppress(threading.BrokenBarrierError):  # a failed one's set-up
+                        relay.all_set_up.wait()
                 relay.take(name, self.held)
                 self.held = True
                 relay.clock.sync()
@@ -133,6 +143,7 @@ def time_interleaved(
             trainer.train()
         except BaseException as err:  # reported after the join, the other threads go on
             errors[name] = err
+            relay.all_set_up.abort()  # a trainer that failed in its set-up never reaches the barrier
         finally:
             relay.leave(name)
             finished.wait()
@@ -145,8 +156,10 @@ def time_interleaved(
     gc.collect()
     gc.disable()
     try:
-        for t in threads:
+        for (name, _), t in zip(trainers.items(), threads, strict=True):
             t.start()
+            while not relay.set_up[name].wait(0.1) and t.is_alive():
+                pass  # the next trainer starts once this one is set up (or has failed)
         for t in threads:
             t.join()
     finally:
