@@ -374,13 +374,14 @@ def test_resume_true_without_a_checkpoint(capsys, no_model_load, tiny_model_dir,
     )
 
 
-def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file, tmp_path):
+@pytest.mark.parametrize("method", ["ift", "sft"])
+def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file, tmp_path, method):
     out = tmp_path / "o"
     args = base_args(tiny_model_dir, chat_file, out, steps=2, save_strategy="steps", save_steps=1)
-    assert run_cli("ift", *args) == 0
+    assert run_cli(method, *args) == 0
     assert (
         run_cli(
-            "ift",
+            method,
             *base_args(tiny_model_dir, chat_file, out, steps=3, save_strategy="steps", save_steps=1),
             "--resume_from_checkpoint",
             "true",
@@ -388,7 +389,11 @@ def test_resume_true_continues_in_the_same_output_dir(tiny_model_dir, chat_file,
         == 0
     )
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 3 and [h["step"] for h in logs] == [1, 2, 3]
+    # The token count goes on from the checkpoint instead of restarting at 0.
+    seen = [h["num_input_tokens_seen"] for h in logs]
+    assert seen[0] < seen[1] < seen[2]
 
 
 def test_output_dir_with_checkpoints_suggests_resuming(capsys, tiny_model_dir, chat_file, tmp_path):

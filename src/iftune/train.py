@@ -143,6 +143,10 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except ValueError as err:
         raise UserError(str(err).strip().splitlines()[0]) from None
+    if method == "sft" and training_args.include_num_input_tokens_seen == "no":
+        # The Trainer's token count is saved in checkpoints, so it continues after a resume
+        # (TRL's own `num_tokens` restarts at 0); IFTConfig turns it on the same way.
+        training_args.include_num_input_tokens_seen = "non_padding"
     holder = script_args if hasattr(script_args, "chat_template_path") else training_args
     template = getattr(holder, "chat_template_path", None)
     if template and config is not None and not Path(template).exists() and (config.parent / template).is_file():
