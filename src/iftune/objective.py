@@ -44,21 +44,18 @@ EMBEDDINGS = ("live", "detached")
 _RIGHT_FILL = 1e6
 
 
-def check_options(
-    gamma: float = 0.95,
-    propagation: str = "loss",
-    side: str = "left",
-    norm: str = "L1",
-    intuition: str = "greedy",
-    intuition_k: int = 1,
-    intuition_temperature: float = 1.0,
-    intuition_embeddings: str = "live",
-) -> None:
-    """Raise `UserError` naming the first option of the objective that is out of range."""
+def check_relation_options(gamma: float, propagation: str, side: str, norm: str) -> None:
+    """Raise `UserError` naming the first option of eq. 19-22 that is out of range."""
     check_unit("gamma", gamma)
     check_choice("propagation", propagation, PROPAGATIONS)
     check_choice("side", side, SIDES)
     check_choice("norm", norm, NORMS)
+
+
+def check_intuition_options(
+    intuition: str, intuition_k: int, intuition_temperature: float, intuition_embeddings: str
+) -> None:
+    """Raise `UserError` naming the first option of eq. 17 that is out of range."""
     check_choice("intuition", intuition, INTUITIONS)
     if intuition_embeddings == "frozen":
         raise UserError(
@@ -188,7 +185,7 @@ def relation_weights(
         (B, T) weights, zero where `mask` is 0; each row sums to its token count n_b, so a
         weighted per-sequence mean stays on the scale of SFT's.
     """
-    check_options(gamma, propagation, side, norm)
+    check_relation_options(gamma, propagation, side, norm)
     m = mask.to(logps.dtype)
     n = m.sum(-1, keepdim=True)
     if float(gamma) == 0.0:
@@ -303,7 +300,8 @@ def ift_loss(
     """
     if not torch.is_tensor(lam):
         check_unit("lam", lam)
-    check_options(gamma, propagation, side, norm, intuition, intuition_k, intuition_temperature, intuition_embeddings)
+    check_relation_options(gamma, propagation, side, norm)
+    check_intuition_options(intuition, intuition_k, intuition_temperature, intuition_embeddings)
     unknown = sorted(set(forward_kwargs) - set(FORWARD_KEYS))
     if unknown:  # a misspelled option would otherwise reach the model and be ignored
         raise TypeError(f"ift_loss got unexpected keyword arguments {unknown}; forward keywords are {FORWARD_KEYS}")
@@ -318,8 +316,8 @@ def ift_loss(
             )
     base = unwrap_model(model)
     head = base.get_output_embeddings()
-    if intuition == "rank" and int(intuition_k) > vocab_size(head):
-        raise UserError(f"intuition_k={intuition_k} is larger than the vocabulary ({vocab_size(head)})")
+    if intuition == "rank" and int(intuition_k) > (vocab := vocab_size(head)):
+        raise UserError(f"intuition_k={intuition_k} is larger than the vocabulary ({vocab})")
     targets, mask = trained_targets(labels, position_ids)
     scale, softcap = logit_transform(base.config)
 
@@ -406,7 +404,8 @@ __all__ = [
     "PROPAGATIONS",
     "SIDES",
     "IFTOutput",
-    "check_options",
+    "check_intuition_options",
+    "check_relation_options",
     "discounted_cumsum",
     "ift_loss",
     "intuitive_tokens",

@@ -8,7 +8,6 @@ checkpointing; `report_to`) is inherited. Only the loss changes: the two passes 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,9 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from iftune.errors import UserError, check_choice, check_unit
 from iftune.modeling import FORWARD_KEYS, sequence_count
-from iftune.objective import check_options, ift_loss
-
-logger = logging.getLogger(__name__)
+from iftune.objective import check_intuition_options, check_relation_options, ift_loss
 
 
 def default_bf16() -> bool:
@@ -127,16 +124,8 @@ class IFTConfig(SFTConfig):
             self.bf16 = default_bf16()
         for name in ("min_lambda", "max_lambda"):
             check_unit(name, getattr(self, name))
-        check_options(
-            self.gamma,
-            self.propagation,
-            self.side,
-            self.norm,
-            self.intuition,
-            self.intuition_k,
-            self.intuition_temperature,
-            self.intuition_embeddings,
-        )
+        check_relation_options(self.gamma, self.propagation, self.side, self.norm)
+        check_intuition_options(self.intuition, self.intuition_k, self.intuition_temperature, self.intuition_embeddings)
         check_choice("lambda_schedule", self.lambda_schedule, (None, "linear"))
         check_choice("lambda_disturb", self.lambda_disturb, (None, "normal"))
         check_choice("lm_head", self.lm_head, ("iftune", "trl"))

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from iftune.errors import UserError
+from iftune.errors import UserError, check_unit
 from iftune.frozenlake.env import DEFAULT_MAP, MAPS
 from iftune.frozenlake.study import (
     BASES,
@@ -28,7 +28,6 @@ from iftune.frozenlake.study import (
     run_sweep,
     sweep_markdown,
 )
-from iftune.objective import check_unit
 
 
 class _Parser(argparse.ArgumentParser):
