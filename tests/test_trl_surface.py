@@ -216,3 +216,19 @@ def test_pure_bf16_weights_with_a_small_learning_rate_warn(tmp_path, tiny_model_
         warn_pure_bf16(SimpleNamespace(dtype="bfloat16", use_peft=False), training_args)
         warn_pure_bf16(SimpleNamespace(dtype="float32", use_peft=False), training_args)
     assert len([r for r in caplog.records if "fp32 master weights" in r.getMessage()]) == 1
+
+
+def test_preference_methods_take_a_chat_template_path(tmp_path, preference_file, capsys):
+    """DPOConfig has no chat_template_path: `iftune dpo` adds it, for base models without a template."""
+    tok = build_tokenizer()
+    tok.chat_template = None
+    model_dir = tmp_path / "m"
+    build_model(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    argv = _args(model_dir, preference_file, tmp_path / "o")
+    assert cli.main(["dpo", *argv, "--chat_template_path", str(tmp_path / "none.jinja")]) == 2
+    err = capsys.readouterr().err
+    assert "--chat_template_path" in err and "Traceback" not in err
+    template = recipe_path("chat_templates/zephyr.jinja")
+    assert cli.main(["dpo", *argv, "--chat_template_path", str(template)]) == 0
+    assert "<|assistant|>" in (tmp_path / "o" / "chat_template.jinja").read_text()
