@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_TWO, build_model, build_tokenizer, conversations, run_offline
+from conftest import ACCELERATE_TWO, build_model, build_tokenizer, conversations, run_offline, write_jsonl
+from iftune.objective import ift_loss
 from iftune.trainer import IFTConfig, IFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,15 @@ def test_lambda_schedule_and_disturbance(tmp_path):
 def test_defaults_are_the_authors_recipe(tmp_path):
     cfg = IFTConfig(output_dir=str(tmp_path), use_cpu=True)
     assert (cfg.max_lambda, cfg.gamma, cfg.propagation, cfg.side, cfg.norm) == (0.2, 0.95, "loss", "left", "L1")
-    assert cfg.assistant_only_loss and cfg.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert cfg.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert cfg.include_num_input_tokens_seen == "non_padding" and cfg.ift_options().lam == cfg.max_lambda
+    # assistant_only_loss: filled in from the data (True for conversations), never rewritten.
+    assert cfg.assistant_only_loss is None
+    assert make_trainer(tmp_path / "chat").args.assistant_only_loss is True
+    rows = [{"prompt": "1+1=", "completion": "2"}] * 4
+    assert make_trainer(tmp_path / "pc", rows=rows).args.assistant_only_loss is False
+    with pytest.raises(ValueError, match="assistant_only_loss true needs conversational data"):
+        make_trainer(tmp_path / "explicit", rows=rows, assistant_only_loss=True)
 
 
 # ---------------------------------------------------------------- the loss in the trainer
@@ -116,8 +125,11 @@ def test_trains_only_assistant_turns_and_lam0_gamma0_is_sft(tmp_path):
     mask = labels[:, 1:] != -100
     expected = (-(lp * mask).sum(-1) / mask.sum(-1)).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    metrics = trainer._metrics["train"]
-    assert metrics["lambda"] == [0.0] and metrics["sft_loss"][0] == pytest.approx(expected.item(), abs=1e-5)
+    assert trainer._metrics["train"]["lambda"] == [0.0]
+    logs = {}
+    trainer.log(logs)
+    assert logs["sft_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    assert logs["intuitive_nll"] == pytest.approx(expected.item(), abs=1e-5)  # lam 0: the same inputs
 
 
 @pytest.mark.parametrize("head", [dict(head_chunk_size=3), dict(lm_head="trl")])
@@ -150,17 +162,30 @@ def test_logs_ift_metrics_with_trl_lines(tmp_path):
     assert logs[0]["lambda"] == pytest.approx(0.2)
 
 
-def test_sft_loss_is_computed_only_for_logged_steps(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=5, logging_steps=2, per_device_train_batch_size=2)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["step"] for h in logs] == [2, 4]
-    assert all(h["sft_loss"] > 0 for h in logs)  # finite: measured on each logged step
-    for step, expect in [(0, False), (1, True), (2, False), (3, True), (4, False)]:
-        trainer.state.global_step = step
-        assert trainer._logs_this_step() is expect, step
-    trainer.args.logging_strategy = "no"
-    assert trainer._logs_this_step() is False
+def test_metrics_of_a_logging_window_are_sums_over_counts(tmp_path):
+    """Over a window of micro-batches of different sizes, each logged metric is its sum over
+    every sequence (or token) divided by their count, as one big batch would give it."""
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=5, rows=conversations(8, seed=2))
+    loader = iter(trainer.get_train_dataloader())
+    outs = []
+    for _ in range(2):
+        batch = trainer._prepare_inputs(next(loader))
+        trainer.compute_loss(trainer.model, batch)
+        outs.append(ift_loss(trainer.model, batch["input_ids"], batch["labels"], batch["attention_mask"]))
+    logs = {}
+    trainer.log(logs)
+    seqs = sum(int(o.n_sequences) for o in outs)
+    assert logs["sft_loss"] == pytest.approx(sum(o.sft_loss_sum.item() for o in outs) / seqs, rel=1e-6)
+    assert logs["intuition_accuracy"] == pytest.approx(
+        sum(int(o.n_correct) for o in outs) / sum(int(o.n_tokens) for o in outs), rel=1e-6
+    )
+    # Not the mean of the two micro-batches' means, unless they happen to agree.
+    per_batch = [o.sft_loss.item() for o in outs]
+    if outs[0].n_sequences != outs[1].n_sequences and per_batch[0] != per_batch[1]:
+        assert logs["sft_loss"] != pytest.approx(sum(per_batch) / 2, rel=1e-9)
+    empty = {}
+    trainer.log(empty)  # the window starts again after a log
+    assert "sft_loss" not in empty
 
 
 def _one_update(tmp_path, name, **overrides) -> dict:
@@ -259,6 +284,54 @@ def test_two_processes_match_one(tmp_path, model64_dir, chat_file):
     assert any((a[k] - start[k]).abs().max() > 1e-3 for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_one_process_metrics(tmp_path):
+    """Ranks whose trained-token counts differ by 10x, and whose intuition accuracy differs,
+    log what one process logs on the whole batch: metrics are sums and counts gathered over
+    processes, not a mean of per-rank means."""
+    rows = conversations(4, seed=3)
+    for i, row in enumerate(rows):  # sequential sampling: rows 0-1 go to rank 0, rows 2-3 to rank 1
+        answer = row["messages"][1]["content"].split()[:2]
+        row["messages"][1]["content"] = " ".join(answer * (20 if i < 2 else 1))
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    tok = build_tokenizer()
+    tokens = [len(tok(r["messages"][1]["content"])["input_ids"]) for r in rows]
+    assert sum(tokens[:2]) >= 10 * sum(tokens[2:])
+    # A model that has learnt the long answers' repetition, so that rank 0's accuracy is high
+    # and rank 1's low: a mean of the two would differ from the token-weighted accuracy.
+    trainer = make_trainer(
+        tmp_path / "warm", rows=rows[:2], max_steps=40, learning_rate=3e-2, per_device_train_batch_size=2
+    )
+    trainer.train()
+    model_dir = tmp_path / "model"
+    trainer.model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    common = dict(max_steps=1, save_strategy="no", train_sampling_strategy="sequential", learning_rate=1e-9)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "ift",
+            *_train_args(model_dir, data, one, per_device_train_batch_size=4, **common),
+        ]
+    )
+    _run(
+        [
+            *ACCELERATE_TWO,
+            "--mixed_precision",
+            "no",
+            str(SCRIPT),
+            "ift",
+            *_train_args(model_dir, data, two, per_device_train_batch_size=2, **common),
+        ]
+    )
+    logged = [json.loads((out / "trainer_state.json").read_text())["log_history"][0] for out in (one, two)]
+    assert 0.3 < logged[0]["intuition_accuracy"] < 0.99  # the ranks differ: the test can tell the two means apart
+    for key in ("sft_loss", "intuitive_nll", "intuition_accuracy", "loss"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-6), key
 
 
 @pytest.mark.slow

@@ -48,9 +48,7 @@ def test_private_trl_and_transformers_names_iftune_relies_on():
     )  # lm_head="trl" passes fused_lm_head=True to the patched forward
 
 
-@pytest.mark.parametrize(
-    "option", [dict(loss_type="dft"), dict(label_smoothing_factor=0.1), dict(router_aux_loss_coef=0.5)]
-)
+@pytest.mark.parametrize("option", [dict(loss_type="dft"), dict(label_smoothing_factor=0.1)])  # MoE: test_moe.py
 def test_options_the_ift_loss_would_ignore_are_refused(tmp_path, option):
     name = next(iter(option))
     with pytest.raises(UserError, match=name):

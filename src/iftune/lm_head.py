@@ -62,6 +62,13 @@ def head_call(head: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     releases it after, and gathers it again before the backward of the call's output; FSDP
     unshards around it. Running the whole chunk loop inside one call makes the number of those
     collectives one per pass on every rank, whatever the number of positions (zero included).
+
+    Why the forward is swapped for the call instead of using a library's gather: ZeRO-3's
+    `GatheredParameters` gives the full weight outside a module call, but its backward neither
+    re-gathers the weight nor routes the gradient to the partition (TRL uses it without grad
+    only); FSDP2's `DTensor.full_tensor()` would serve FSDP2 alone. The module call is the one
+    mechanism that every wrapper (ZeRO-3, FSDP2, PEFT's LoRA on the head, accelerate's device
+    hooks) honours. The swap lasts one call, on the instance; a training step is single-threaded.
     """
     own = head.__dict__.get("forward")  # accelerate's device hooks set an instance forward
     forward = own if own is not None else type(head).forward.__get__(head)

@@ -42,14 +42,15 @@ def trained_logprobs(
     *,
     head_chunk_size: int | None = None,
     **inputs: Any,
-) -> torch.Tensor:
-    """log p(targets) where `mask`, 0 elsewhere, (B, T-1), from one forward with gradient on
-    `inputs` (`input_ids` or `inputs_embeds`, plus extra forward keywords): the LM head runs
-    at the trained positions only, in one call of the head module whatever their number."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(targets) where `mask`, 0 elsewhere, (B, T-1); the model's MoE router aux loss or
+    None), from one forward with gradient on `inputs` (`input_ids` or `inputs_embeds`, plus extra
+    forward keywords): the LM head runs at the trained positions only, in one call of the head
+    module whatever their number."""
     base = unwrap_model(model)
     scale, softcap = logit_transform(base.config)
     with record_function("ift.training_forward"):
-        hidden = hidden_states(model, attention_mask, position_ids, **inputs)
+        hidden, outputs = forward_hidden(model, attention_mask, position_ids, **inputs)
     with record_function("ift.training_head"):
         picked = token_logprobs(
             hidden[:, :-1][mask],
@@ -59,7 +60,7 @@ def trained_logprobs(
             softcap=softcap,
             chunk_size=head_chunk_size,
         )
-    return picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+    return picked.new_zeros(mask.shape).masked_scatter(mask, picked), getattr(outputs, "aux_loss", None)
 
 
 def per_document(mask: torch.Tensor, position_ids: torch.Tensor | None, *values: torch.Tensor):
@@ -105,13 +106,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def hidden_states(
+def forward_hidden(
     model: nn.Module,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     **inputs: Any,
-) -> torch.Tensor:
-    """(B, T, H) final (normed) hidden states from one call of the model's own forward.
+) -> tuple[torch.Tensor, Any]:
+    """(B, T, H) final (normed) hidden states from one call of the model's own forward, and that
+    call's output (its `aux_loss`, for mixture-of-experts models that return router logits).
 
     Through the (wrapped) forward, so that DDP, FSDP, PEFT, accelerate's autocast and gradient
     checkpointing all act as in any training step. The body's output is taken by a hook on the
@@ -127,14 +129,15 @@ def hidden_states(
         kwargs["logits_to_keep"] = 1
     body = getattr(base, "base_model", base)
     if body is base:  # no separate body to hook: every layer's hidden states it is
-        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
+        outputs = model(**kwargs, output_hidden_states=True)
+        return outputs.hidden_states[-1], outputs
     seen: list[torch.Tensor] = []
     handle = body.register_forward_hook(lambda module, args, out: seen.append(out[0]))
     try:
-        model(**kwargs)
+        outputs = model(**kwargs)
     finally:
         handle.remove()
-    return seen[0]
+    return seen[0], outputs
 
 
 @contextmanager
@@ -167,7 +170,7 @@ def accepts(module: nn.Module, name: str) -> bool:
 __all__ = [
     "FORWARD_KEYS",
     "IGNORE_INDEX",
-    "hidden_states",
+    "forward_hidden",
     "intuition_mode",
     "per_document",
     "sequence_count",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from iftune.lm_head import intuition_from_hidden, logit_transform, vocab_size
 from iftune.modeling import (
     FORWARD_KEYS,
     IGNORE_INDEX,
-    hidden_states,
+    forward_hidden,
     intuition_mode,
     per_document,
     trained_logprobs,
@@ -44,29 +44,74 @@ EMBEDDINGS = ("live", "detached")
 _RIGHT_FILL = 1e6
 
 
-def check_relation_options(gamma: float, propagation: str, side: str, norm: str) -> None:
-    """Raise `UserError` naming the first option of eq. 19-22 that is out of range."""
-    check_unit("gamma", gamma)
-    check_choice("propagation", propagation, PROPAGATIONS)
-    check_choice("side", side, SIDES)
-    check_choice("norm", norm, NORMS)
+@dataclass(frozen=True)
+class IFTOptions:
+    r"""The objective's hyperparameters, checked once when the object is built: a bad value raises
+    `UserError` naming the option. `IFTConfig.ift_options()` builds it from a training config.
+
+    Parameters:
+        lam (`float` or 0-d tensor, defaults to `0.2`):
+            Eq. 17: weight of the model's intuition in the temporal residual connection
+            `x = (1 - lam) E[s_i] + lam E[pi(s_{i-1})]`, in [0, 1].
+        gamma (`float`, defaults to `0.95`):
+            Eq. 22: discount of dynamic relation propagation, in [0, 1]; 0 gives SFT's weights.
+        propagation (`str`, defaults to `"loss"`):
+            Eq. 22: what is propagated, one of `"loss"` (-logp / n), `"logps"` (-logp), `"mask"` (counting).
+        side (`str`, defaults to `"left"`):
+            `"left"` (a token weighs what it influences later) or `"right"` (the reference's inverse variant).
+        norm (`str`, defaults to `"L1"`):
+            Transform of the propagated sums: `"L1"`, `"L2"`, `"softmax"` or `"log"`.
+        intuition (`str`, defaults to `"greedy"`):
+            How pi(s_{i-1}) is chosen: `"greedy"`, `"rank"` (the `intuition_k`-th most likely) or `"sample"`.
+        intuition_k (`int`, defaults to `1`):
+            k for `intuition="rank"`.
+        intuition_temperature (`float`, defaults to `1.0`):
+            Temperature for `intuition="sample"`, > 0.
+        intuition_embeddings (`str`, defaults to `"live"`):
+            Table E of eq. 17: `"live"` (trained through the lookup) or `"detached"` (the current table
+            without gradient through the lookup, as the reference code does).
+        detach_weights (`bool`, defaults to `False`):
+            Stop the gradient through the relation weights.
+        head_chunk_size (`int` or `None`, defaults to `None`):
+            Trained positions whose logits exist at once in iftune's head (None: ~128 MiB of them).
+            Cost only; the loss does not depend on it.
+    """
+
+    lam: float | torch.Tensor = 0.2
+    gamma: float = 0.95
+    propagation: str = "loss"
+    side: str = "left"
+    norm: str = "L1"
+    intuition: str = "greedy"
+    intuition_k: int = 1
+    intuition_temperature: float = 1.0
+    intuition_embeddings: str = "live"
+    detach_weights: bool = False
+    head_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not torch.is_tensor(self.lam):
+            check_unit("lam", self.lam)
+        check_unit("gamma", self.gamma)
+        check_choice("propagation", self.propagation, PROPAGATIONS)
+        check_choice("side", self.side, SIDES)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("intuition", self.intuition, INTUITIONS)
+        if self.intuition_embeddings == "frozen":
+            raise UserError(
+                "intuition_embeddings='frozen' was removed: the reference code mixes the *current* "
+                "table without gradient, which is intuition_embeddings='detached'"
+            )
+        check_choice("intuition_embeddings", self.intuition_embeddings, EMBEDDINGS)
+        if int(self.intuition_k) < 1:
+            raise UserError(f"intuition_k={self.intuition_k!r} is not valid; expected an integer >= 1")
+        if not float(self.intuition_temperature) > 0:
+            raise UserError(f"intuition_temperature={self.intuition_temperature!r} is not valid; expected a number > 0")
+        if self.head_chunk_size is not None and self.head_chunk_size < 1:
+            raise UserError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
 
 
-def check_intuition_options(
-    intuition: str, intuition_k: int, intuition_temperature: float, intuition_embeddings: str
-) -> None:
-    """Raise `UserError` naming the first option of eq. 17 that is out of range."""
-    check_choice("intuition", intuition, INTUITIONS)
-    if intuition_embeddings == "frozen":
-        raise UserError(
-            "intuition_embeddings='frozen' was removed: the reference code mixes the *current* "
-            "table without gradient, which is intuition_embeddings='detached'"
-        )
-    check_choice("intuition_embeddings", intuition_embeddings, EMBEDDINGS)
-    if int(intuition_k) < 1:
-        raise UserError(f"intuition_k={intuition_k!r} is not valid; expected an integer >= 1")
-    if not float(intuition_temperature) > 0:
-        raise UserError(f"intuition_temperature={intuition_temperature!r} is not valid; expected a number > 0")
+OPTION_NAMES = tuple(f.name for f in fields(IFTOptions))
 
 
 # --------------------------------------------------------------------------- eq. 17
@@ -101,8 +146,6 @@ def intuitive_tokens(
 
 def mix_embeddings(embeds: torch.Tensor, intuitive_embeds: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """Temporal residual connection, eq. 17: `(1 - lam) * E[s_i] + lam * E[pi(s_{i-1})]`, any shape."""
-    if not torch.is_tensor(lam):
-        check_unit("lam", lam)
     return (1 - lam) * embeds + lam * intuitive_embeds
 
 
@@ -113,14 +156,15 @@ def mixed_inputs(
     lam: float | torch.Tensor,
     detached: bool = False,
 ) -> torch.Tensor:
-    """Eq. 17 over a batch: (B, T, H) inputs embeddings from two lookups of the whole batch.
+    """Eq. 17 over a batch: (B, T, H) inputs embeddings.
 
-    Where the intuitive token equals the input the result is E[input] exactly. Always two calls
-    of `table` (never data-dependent: under ZeRO-3 each call gathers the table). `detached`:
-    both lookups without gradient (the reference code's refreshed copy of the live table).
+    Where the intuitive token equals the input the result is E[input] exactly. Both id tensors
+    are looked up in ONE call of `table` (never data-dependent: under ZeRO-3 each call gathers
+    the table), so its backward is one scatter-add into the table's gradient, not two.
+    `detached`: without gradient (the reference code's refreshed copy of the live table).
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
-        embeds, intuitive = table(input_ids), table(intuitive_ids)
+        embeds, intuitive = table(torch.cat([input_ids, intuitive_ids])).chunk(2)
     differs = (intuitive_ids != input_ids).unsqueeze(-1)
     return torch.where(differs, mix_embeddings(embeds, intuitive, lam), embeds)
 
@@ -135,7 +179,6 @@ def discounted_cumsum(x: torch.Tensor, gamma: float, reverse: bool = False) -> t
     one matmul with a (C, C) decay matrix, and the carries between blocks another with a
     (T/C, T/C) one. No power of 1/gamma is ever formed, so it stays exact for any gamma in [0, 1].
     """
-    check_unit("gamma", gamma)
     if reverse:
         return discounted_cumsum(x.flip(-1), gamma).flip(-1)
     t = x.shape[-1]
@@ -185,7 +228,6 @@ def relation_weights(
         (B, T) weights, zero where `mask` is 0; each row sums to its token count n_b, so a
         weighted per-sequence mean stays on the scale of SFT's.
     """
-    check_relation_options(gamma, propagation, side, norm)
     m = mask.to(logps.dtype)
     n = m.sum(-1, keepdim=True)
     if float(gamma) == 0.0:
@@ -226,26 +268,42 @@ def relation_weights(
 
 @dataclass
 class IFTOutput:
-    """What one IFT step computes. `loss` carries the gradient; the rest are detached metrics.
+    """What one IFT step computes. `loss` carries the gradient; every other field is a detached
+    sum or count, so that a trainer can add them over micro-batches and processes, then divide.
 
     Attributes:
         loss: () the IFT loss, mean over sequences with a trained token of their weighted mean NLL.
-        sft_loss: () the teacher-forced NLL of the intuition pass (per-sequence mean): plain SFT's
-            loss on the same batch, free since that pass runs anyway; NaN when not asked for.
-        intuitive_nll: () the unweighted NLL of the training pass (on the mixed inputs).
-        intuition_accuracy: () share of trained positions where the intuition equals the target.
+        loss_sum: () sum over sequences of their weighted mean NLL (with gradient).
+        sft_loss_sum: () sum over sequences of the intuition pass's teacher-forced mean NLL:
+            plain SFT's loss on the same batch, from the logits that pass computes anyway.
+        intuitive_nll_sum: () sum over sequences of the training pass's unweighted mean NLL.
+        n_sequences: () sequences (documents, when packed) with a trained token.
+        n_correct: () trained positions where the intuition equals the target.
         n_tokens: () trained positions.
-        loss_sum: () sum of per-sequence losses, and n_sequences: () sequences with a trained
-            token: a trainer divides the first by the second summed over a whole accumulation window.
+        aux_loss: () the model's MoE router load-balancing loss of the training pass (with
+            gradient, unweighted), or None when the model returns none.
     """
 
     loss: torch.Tensor
-    sft_loss: torch.Tensor
-    intuitive_nll: torch.Tensor
-    intuition_accuracy: torch.Tensor
-    n_tokens: torch.Tensor
     loss_sum: torch.Tensor
+    sft_loss_sum: torch.Tensor
+    intuitive_nll_sum: torch.Tensor
     n_sequences: torch.Tensor
+    n_correct: torch.Tensor
+    n_tokens: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def sft_loss(self) -> torch.Tensor:
+        return self.sft_loss_sum / self.n_sequences.clamp_min(1)
+
+    @property
+    def intuitive_nll(self) -> torch.Tensor:
+        return self.intuitive_nll_sum / self.n_sequences.clamp_min(1)
+
+    @property
+    def intuition_accuracy(self) -> torch.Tensor:
+        return self.n_correct.to(torch.float32) / self.n_tokens.clamp_min(1)
 
 
 def ift_loss(
@@ -253,23 +311,12 @@ def ift_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    options: IFTOptions | None = None,
     *,
-    lam: float | torch.Tensor = 0.2,
-    gamma: float = 0.95,
-    propagation: str = "loss",
-    side: str = "left",
-    norm: str = "L1",
-    intuition: str = "greedy",
-    intuition_k: int = 1,
-    intuition_temperature: float = 1.0,
-    intuition_embeddings: str = "live",
-    detach_weights: bool = False,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    head_chunk_size: int | None = None,
-    train_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    with_sft_loss: bool = True,
-    **forward_kwargs: Any,
+    train_logprobs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+    **kwargs: Any,
 ) -> IFTOutput:
     """One IFT step: a no-grad intuition pass, then a training pass on the mixed embeddings
     (eq. 17), each token's loss weighted by relation propagation (eq. 19-22).
@@ -279,121 +326,158 @@ def ift_loss(
         input_ids: (B, T) token ids.
         labels: (B, T) unshifted labels, -100 where not trained (prompt, padding).
         attention_mask: (B, T) or None; must be None for packed rows.
-        lam: eq. 17's weight of the model's intuition, in [0, 1].
-        gamma, propagation, side, norm, detach_weights: eq. 19-22, see `relation_weights`.
-        intuition: "greedy", "rank" (the `intuition_k`-th most likely) or "sample" (at
-            `intuition_temperature`, drawn with `generator`).
-        intuition_embeddings: table E of eq. 17: "live" (trained through the lookup) or
-            "detached" (the current table without gradient through the lookup, as the
-            reference code does).
+        options: the objective's hyperparameters (`IFTOptions`; None: the paper's defaults).
+            Option names given as keywords (`lam=0.3`) replace the options' values.
         position_ids: (B, T) or (1, T); packed documents restart at 0.
-        head_chunk_size: trained positions whose logits exist at once (None: ~128 MiB of them).
+        generator: draws for `intuition="sample"`.
         train_logprobs: replaces iftune's head in the training pass: `(inputs_embeds, labels)
-            -> (B, T-1)` log p(labels[:, t+1]), e.g. TRL's fused LM head.
-        with_sft_loss: compute `sft_loss` (a log-sum-exp over the vocabulary in the intuition
-            pass); False leaves it NaN.
-        forward_kwargs: a padding-free collator's `cu_seq_lens_*`, `max_length_*`, `seq_idx`
-            (`modeling.FORWARD_KEYS`), passed to both forwards as they are; other names are refused.
+            -> ((B, T-1) log p(labels[:, t+1]), aux_loss or None)`, e.g. TRL's fused LM head.
+        kwargs: option names (above), and a padding-free collator's `cu_seq_lens_*`,
+            `max_length_*`, `seq_idx` (`modeling.FORWARD_KEYS`), passed to both forwards as they
+            are; other names are refused.
 
     Returns:
         `IFTOutput`; `loss` is a () tensor with gradient, in float32 or wider.
     """
-    if not torch.is_tensor(lam):
-        check_unit("lam", lam)
-    check_relation_options(gamma, propagation, side, norm)
-    check_intuition_options(intuition, intuition_k, intuition_temperature, intuition_embeddings)
-    unknown = sorted(set(forward_kwargs) - set(FORWARD_KEYS))
+    named = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_NAMES}
+    options = replace(options, **named) if options is not None else IFTOptions(**named)
+    unknown = sorted(set(kwargs) - set(FORWARD_KEYS))
     if unknown:  # a misspelled option would otherwise reach the model and be ignored
-        raise TypeError(f"ift_loss got unexpected keyword arguments {unknown}; forward keywords are {FORWARD_KEYS}")
-    if position_ids is not None:
-        # Hugging Face takes (1, T) position ids for a whole batch; the per-row logic needs (B, T).
-        position_ids = position_ids.expand_as(input_ids)
-        if attention_mask is not None and ((position_ids[:, 1:] == 0) & (attention_mask[:, 1:] != 0)).any():
-            # Transformers separates packed documents only when no attention mask is given.
-            raise UserError(
-                "attention_mask must be None for packed rows (position_ids restarting at 0): "
-                "with a mask the model attends across documents"
-            )
-    base = unwrap_model(model)
-    head = base.get_output_embeddings()
-    if intuition == "rank" and int(intuition_k) > (vocab := vocab_size(head)):
-        raise UserError(f"intuition_k={intuition_k} is larger than the vocabulary ({vocab})")
-    targets, mask = trained_targets(labels, position_ids)
-    scale, softcap = logit_transform(base.config)
-
-    # Step 1: intuition pass, no graph kept, in eval mode (no dropout) like inference. Not
-    # inference_mode: models that cache tensors on first use (rotary tables) would hand
-    # inference tensors to the training pass.
-    with torch.no_grad():
-        with intuition_mode(model), record_function("ift.intuition_forward"):
-            hidden = hidden_states(model, attention_mask, position_ids, input_ids=input_ids, **forward_kwargs)
-        with record_function("ift.intuition_head"):
-            # The head runs only where a target is trained: prompts and padding cost no logits.
-            picked, tf_picked = intuition_from_hidden(
-                hidden[:, :-1][mask],
-                head,
-                targets[mask],
-                intuition=intuition,
-                k=int(intuition_k),
-                temperature=float(intuition_temperature),
-                generator=generator,
-                with_logp=with_sft_loss,
-                scale=scale,
-                softcap=softcap,
-                chunk_size=head_chunk_size,
-            )
-        del hidden
-        preds = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
-    # Steps 2-3: intuitive tokens and the temporal residual connection (eq. 17).
-    with record_function("ift.mix"):
-        intuitive_ids = intuitive_tokens(input_ids, labels, preds, position_ids)
-        x = mixed_inputs(
-            base.get_input_embeddings(), input_ids, intuitive_ids, lam, detached=intuition_embeddings == "detached"
+        raise TypeError(
+            f"ift_loss got unexpected keyword arguments {unknown}; options are {OPTION_NAMES}, "
+            f"forward keywords are {FORWARD_KEYS}"
         )
-    # Step 4: training pass.
+    position_ids = document_positions(position_ids, input_ids, attention_mask)
+    targets, mask = trained_targets(labels, position_ids)
+    # Steps 1-2: the intuition pass; pi(s_{i-1}) at each trained position.
+    picked, tf_logp = intuition_pass(
+        model, input_ids, targets, mask, attention_mask, position_ids, options, generator, kwargs
+    )
+    predictions = torch.zeros_like(input_ids).masked_scatter(nn.functional.pad(mask, (0, 1)), picked)
+    with record_function("ift.mix"):
+        intuitive_ids = intuitive_tokens(input_ids, labels, predictions, position_ids)
+        # Step 3: the temporal residual connection (eq. 17).
+        x = mixed_inputs(
+            unwrap_model(model).get_input_embeddings(),
+            input_ids,
+            intuitive_ids,
+            options.lam,
+            detached=options.intuition_embeddings == "detached",
+        )
+    # Step 4: the training pass.
     if train_logprobs is None:
-        logp = trained_logprobs(
+        logp, aux_loss = trained_logprobs(
             model,
             targets,
             mask,
             attention_mask,
             position_ids,
-            head_chunk_size=head_chunk_size,
+            head_chunk_size=options.head_chunk_size,
             inputs_embeds=x,
-            **forward_kwargs,
+            **kwargs,
         )
     else:
-        trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
-        logp = train_logprobs(x, trained)
+        logp, aux_loss = train_logprobs(x, torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1))
         logp = torch.where(mask, logp, torch.zeros_like(logp))
-    tf_logp = torch.zeros_like(logp)
-    if tf_picked is not None:
-        tf_logp = tf_logp.masked_scatter(mask, tf_picked.to(logp.dtype))
+    # Steps 5-6 (eq. 19-22).
+    tf = torch.zeros_like(logp).masked_scatter(mask, tf_logp.to(logp.dtype))
+    out = reduce_loss(logp, tf, mask, position_ids, options, n_correct=(picked == targets[mask]).sum())
+    out.aux_loss = aux_loss
+    return out
 
-    # Steps 5-6 (eq. 19-22), per document: rows of a padded batch, or the documents of packed rows.
+
+def document_positions(
+    position_ids: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """`position_ids` as (B, T) (Hugging Face takes (1, T) for a whole batch; the per-row logic
+    needs (B, T)); packed rows, whose positions restart at 0, must come without an attention mask."""
+    if position_ids is None:
+        return None
+    position_ids = position_ids.expand_as(input_ids)
+    if attention_mask is not None and ((position_ids[:, 1:] == 0) & (attention_mask[:, 1:] != 0)).any():
+        # Transformers separates packed documents only when no attention mask is given.
+        raise UserError(
+            "attention_mask must be None for packed rows (position_ids restarting at 0): "
+            "with a mask the model attends across documents"
+        )
+    return position_ids
+
+
+def intuition_pass(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    options: IFTOptions,
+    generator: torch.Generator | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: the model's own choice pi(s_{i-1}) and the teacher-forced log-prob of the target
+    at each trained position (`targets[mask]` order), from one forward without gradient.
+
+    In eval mode (no dropout) like inference. Not `inference_mode`: models that cache tensors on
+    first use (rotary tables) would hand inference tensors to the training pass. The head runs
+    only where a target is trained: prompts and padding cost no logits.
+    """
+    base = unwrap_model(model)
+    head = base.get_output_embeddings()
+    if options.intuition == "rank" and int(options.intuition_k) > (vocab := vocab_size(head)):
+        raise UserError(f"intuition_k={options.intuition_k} is larger than the vocabulary ({vocab})")
+    scale, softcap = logit_transform(base.config)
+    with torch.no_grad():
+        with intuition_mode(model), record_function("ift.intuition_forward"):
+            hidden, _ = forward_hidden(
+                model, attention_mask, position_ids, input_ids=input_ids, **(forward_kwargs or {})
+            )
+        with record_function("ift.intuition_head"):
+            return intuition_from_hidden(
+                hidden[:, :-1][mask],
+                head,
+                targets[mask],
+                intuition=options.intuition,
+                k=int(options.intuition_k),
+                temperature=float(options.intuition_temperature),
+                generator=generator,
+                scale=scale,
+                softcap=softcap,
+                chunk_size=options.head_chunk_size,
+            )
+
+
+def reduce_loss(
+    logp: torch.Tensor,
+    tf_logp: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    options: IFTOptions,
+    n_correct: torch.Tensor | None = None,
+) -> IFTOutput:
+    """Steps 5-6: relation weights (eq. 19-22) and the loss, per document (rows of a padded batch,
+    or the documents of packed rows): per sequence `sum_t(-logp * w) / n`, then the mean over
+    sequences with a trained token. `logp` (with gradient) and `tf_logp` are (B, T-1), zero
+    where `mask` is False; `n_correct` is passed through to the output. Pure: no model, no head."""
     with record_function("ift.relation_weights"):
         logp_d, mask_d, tf_d = per_document(mask, position_ids, logp, tf_logp)
-        w = relation_weights(logp_d, mask_d, gamma, propagation, side, norm, detach=detach_weights)
+        w = relation_weights(
+            logp_d, mask_d, options.gamma, options.propagation, options.side, options.norm, options.detach_weights
+        )
     n = mask_d.sum(-1)
     n_seq = (n > 0).sum()  # sequences without a trained token add 0 and are not counted
     denom = n.clamp_min(1).to(logp.dtype)
     loss_sum = ((-(logp_d * w)).sum(-1) / denom).sum()
-    loss = loss_sum / n_seq.clamp_min(1)
     with torch.no_grad():
-        sft = ((-tf_d * mask_d).sum(-1) / denom).sum() / n_seq.clamp_min(1)
-        if tf_picked is None:
-            sft = torch.full_like(sft, math.nan)
-        nll = ((-logp_d.detach()).sum(-1) / denom).sum() / n_seq.clamp_min(1)
-        n_tok = mask.sum()
-        acc = (picked == targets[mask]).sum().to(torch.float32) / n_tok.clamp_min(1)
+        sft_sum = ((-tf_d * mask_d).sum(-1) / denom).sum()
+        nll_sum = ((-logp_d.detach()).sum(-1) / denom).sum()
     return IFTOutput(
-        loss=loss,
-        sft_loss=sft,
-        intuitive_nll=nll,
-        intuition_accuracy=acc,
-        n_tokens=n_tok,
+        loss=loss_sum / n_seq.clamp_min(1),
         loss_sum=loss_sum,
+        sft_loss_sum=sft_sum,
+        intuitive_nll_sum=nll_sum,
         n_sequences=n_seq,
+        n_correct=torch.zeros((), dtype=torch.long, device=logp.device) if n_correct is None else n_correct,
+        n_tokens=mask.sum(),
     )
 
 
@@ -401,15 +485,18 @@ __all__ = [
     "EMBEDDINGS",
     "INTUITIONS",
     "NORMS",
+    "OPTION_NAMES",
     "PROPAGATIONS",
     "SIDES",
+    "IFTOptions",
     "IFTOutput",
-    "check_intuition_options",
-    "check_relation_options",
     "discounted_cumsum",
+    "document_positions",
     "ift_loss",
+    "intuition_pass",
     "intuitive_tokens",
     "mix_embeddings",
     "mixed_inputs",
+    "reduce_loss",
     "relation_weights",
 ]

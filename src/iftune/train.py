@@ -89,14 +89,22 @@ def make_parser(method: str) -> Any:
     `ModelConfig`, with iftune's defaults (bf16 where the GPU has it, `outputs/<method>`)."""
     from trl import ModelConfig, TrlParser
 
-    from iftune.trainer import default_bf16
+    from iftune.trainer import IFTConfig, default_bf16
 
     config_cls, _ = trainer_classes(method)
     data_cls = PreferenceDataArguments if method in ("dpo", "orpo") else DataArguments
     parser = TrlParser((data_cls, config_cls, ModelConfig), prog=f"iftune {method}")
-    defaults: dict[str, Any] = {"bf16": default_bf16(), "output_dir": f"outputs/{method}"}
-    if method in ("sft", "ift"):
-        defaults["assistant_only_loss"] = True  # turned off for data without `messages`
+    defaults: dict[str, Any] = {"output_dir": f"outputs/{method}"}
+    if config_cls is not IFTConfig:
+        # TRL's own configs get the defaults that IFTConfig declares where they differ from TRL's:
+        # bf16 only where the hardware has it; for SFT, assistant-only loss filled in from the data,
+        # and the Trainer's token count, which checkpoints keep (TRL's `num_tokens` restarts at 0
+        # on resume). TrainingArguments types that option `str | bool`, which the parser reads as
+        # a bool, so SFT counts every input token ("all"), IFT the non-padding ones.
+        defaults["bf16"] = default_bf16()
+        if method == "sft":
+            defaults["assistant_only_loss"] = None
+            defaults["include_num_input_tokens_seen"] = True
     parser.set_defaults(**defaults)
     describe(parser, method)
     return parser
@@ -143,10 +151,6 @@ def parse(method: str, argv: list[str]) -> tuple[DataArguments, Any, Any]:
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except ValueError as err:
         raise UserError(str(err).strip().splitlines()[0]) from None
-    if method == "sft" and training_args.include_num_input_tokens_seen == "no":
-        # The Trainer's token count is saved in checkpoints, so it continues after a resume
-        # (TRL's own `num_tokens` restarts at 0); IFTConfig turns it on the same way.
-        training_args.include_num_input_tokens_seen = "non_padding"
     holder = script_args if hasattr(script_args, "chat_template_path") else training_args
     template = getattr(holder, "chat_template_path", None)
     if template and config is not None and not Path(template).exists() and (config.parent / template).is_file():
@@ -253,6 +257,7 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     from trl import get_peft_config
 
     from iftune.data import load_training_data
+    from iftune.trainer import resolve_assistant_only_loss
 
     if not data_args.dataset_name:
         raise UserError("--dataset_name is required (a hub id or a local .jsonl/.json/.parquet file)")
@@ -282,9 +287,8 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     if method in ("dpo", "orpo"):
         apply_chat_template_path(tokenizer, data_args.chat_template_path)
     else:
-        if "messages" not in dataset.column_names:
-            training_args.assistant_only_loss = False
-        else:
+        resolve_assistant_only_loss(training_args, dataset[0] if len(dataset) else None)
+        if "messages" in dataset.column_names:
             # Set here, not left to TRL, so that the template check below sees it.
             apply_chat_template_path(tokenizer, training_args.chat_template_path)
             training_args.chat_template_path = None

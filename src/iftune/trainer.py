@@ -8,15 +8,30 @@ checkpointing; `report_to`) is inherited. Only the loss changes: the two passes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import is_conversational
 
 from iftune.errors import UserError, check_choice, check_unit
 from iftune.modeling import FORWARD_KEYS, sequence_count
-from iftune.objective import check_intuition_options, check_relation_options, ift_loss
+from iftune.objective import OPTION_NAMES, IFTOptions, ift_loss
+
+logger = logging.getLogger("iftune")
+
+# What IFTTrainer gathers per micro-batch, in `IFTOutput`'s order (sums, then counts).
+METRIC_SUMS = ("sft_loss", "intuitive_nll", "sequences", "correct", "tokens")
+LOG_LEGEND = (
+    "IFT logs: loss = the objective, the relation-weighted NLL on the mixed inputs (eq. 17-22; "
+    "the weights favour tokens that influence later ones, so it starts above sft_loss); "
+    "sft_loss = the plain teacher-forced NLL of the intuition pass (what SFT would report); "
+    "intuitive_nll = the unweighted NLL on the mixed inputs; intuition_accuracy = how often the "
+    "model's own choice equals the target; lambda = eq. 17's lam."
+)
 
 
 def default_bf16() -> bool:
@@ -111,21 +126,27 @@ class IFTConfig(SFTConfig):
             "memory). Not part of the objective."
         },
     )
-    assistant_only_loss: bool = field(
-        default=True,
+    assistant_only_loss: bool | None = field(
+        default=None,
         metadata={
-            "help": "Train on assistant turns only (conversational `messages` data). IFT "
-            "must not replace prompt tokens; set to False for other formats automatically."
+            "help": "Train on assistant turns only. None (default): True for conversational `messages` "
+            "data (IFT must not replace prompt tokens), False for other formats, whose prompt TRL "
+            "masks with completion_only_loss; True on non-conversational data is refused."
+        },
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding",
+        metadata={
+            "help": "The Trainer's count of trained-on tokens, logged as num_input_tokens_seen; "
+            "checkpoints keep it, so it continues after a resume."
         },
     )
 
     def __post_init__(self) -> None:
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = default_bf16()
+        if self.bf16 is None:
+            self.bf16 = default_bf16() and not self.fp16
         for name in ("min_lambda", "max_lambda"):
             check_unit(name, getattr(self, name))
-        check_relation_options(self.gamma, self.propagation, self.side, self.norm)
-        check_intuition_options(self.intuition, self.intuition_k, self.intuition_temperature, self.intuition_embeddings)
         check_choice("lambda_schedule", self.lambda_schedule, (None, "linear"))
         check_choice("lambda_disturb", self.lambda_disturb, (None, "normal"))
         check_choice("lm_head", self.lm_head, ("iftune", "trl"))
@@ -133,8 +154,7 @@ class IFTConfig(SFTConfig):
             raise UserError(f"lambda_warmup_steps={self.lambda_warmup_steps!r} is not valid; expected an integer >= 0")
         if not self.disturb_std >= 0:
             raise UserError(f"disturb_std={self.disturb_std!r} is not valid; expected a number >= 0")
-        if self.head_chunk_size is not None and self.head_chunk_size < 1:
-            raise UserError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
+        self.ift_options()  # the objective's own options, checked where they are defined
         if self.packing and self.packing_strategy == "wrapped":
             raise UserError(
                 "packing_strategy='wrapped' carries no document boundaries, so IFT's intuition would "
@@ -144,17 +164,19 @@ class IFTConfig(SFTConfig):
         for name, ignored in (
             ("loss_type", self.loss_type != "nll"),
             ("label_smoothing_factor", bool(self.label_smoothing_factor)),
-            ("router_aux_loss_coef", bool(self.router_aux_loss_coef)),
         ):
             if ignored:
                 raise UserError(
                     f"{name}={getattr(self, name)!r} is not supported by IFT, whose loss replaces "
                     f"SFTTrainer's; leave it at its default"
                 )
-        if self.include_num_input_tokens_seen in ("no", False):
-            # The Trainer's count, logged as num_input_tokens_seen and restored on resume.
-            self.include_num_input_tokens_seen = "non_padding"
         super().__post_init__()
+
+    def ift_options(self, lam: float | None = None) -> IFTOptions:
+        """The objective's options (`IFTOptions`) from this config's fields of the same names;
+        `lam` defaults to `max_lambda` (the trainer passes each step's `lambda_at`)."""
+        shared = {name: getattr(self, name) for name in OPTION_NAMES if name != "lam"}
+        return IFTOptions(lam=self.max_lambda if lam is None else lam, **shared)
 
     def lambda_at(self, step: int, disturb: bool = True) -> float:
         """lam for optimizer step `step` (eq. 17): the schedule, then the seeded disturbance."""
@@ -197,14 +219,15 @@ class IFTTrainer(SFTTrainer):
             args = IFTConfig(f"{str(name).split('/')[-1]}-IFT")
         elif not isinstance(args, IFTConfig):
             raise TypeError("IFTTrainer needs an IFTConfig")
-        sample = _first_row(train_dataset)
-        if args.assistant_only_loss and sample is not None and "messages" not in sample:
-            args.assistant_only_loss = False  # TRL supports it for `messages` data only
+        resolve_assistant_only_loss(args, _first_row(train_dataset))
         if kwargs.get("compute_loss_func") is not None:
             raise UserError("compute_loss_func is not supported by IFTTrainer: IFT's loss replaces it")
         super().__init__(model, args, data_collator, train_dataset, *pos, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's sequence count
         self._check_parallelism()
+        self.ift_options = args.ift_options()
+        # Sums and counts of the IFT metrics over every micro-batch and process since the last log.
+        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._micro_step = (-1, 0)
 
     def _check_parallelism(self) -> None:
@@ -215,17 +238,17 @@ class IFTTrainer(SFTTrainer):
                 "FSDP1 (fsdp_version: 1) is not supported: IFT calls the LM head outside the forward, "
                 "where FSDP1 shows the flat sharded parameter; use FSDP2 (fsdp_version: 2)"
             )
-        if getattr(self, "aux_loss_enabled", False):
-            raise UserError(
-                "the MoE router auxiliary loss is not supported by IFT, whose loss replaces SFTTrainer's; "
-                "set router_aux_loss_coef=0"
-            )
         config = self.accelerator.parallelism_config
         if config is not None and (config.cp_enabled or config.sp_enabled or config.tp_enabled):
             raise UserError(
                 "context, sequence and tensor parallelism are not supported by IFT: its intuition pass "
                 "needs whole sequences on each rank; use data parallelism, FSDP2 or ZeRO-3"
             )
+
+    def train(self, *args, **kwargs):
+        if self.is_world_process_zero():
+            logger.info(LOG_LEGEND)
+        return super().train(*args, **kwargs)
 
     # -- gradient accumulation: count sequences, not tokens, over the whole window
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -248,12 +271,11 @@ class IFTTrainer(SFTTrainer):
         return torch.Generator(device=device).manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """This micro-batch's share of the step's IFT loss (`ift_loss`, scaled by `window_mean`);
-        logs the IFT metrics. With `return_outputs`, `(loss, None)`: IFT builds no logits."""
+        """This micro-batch's share of the step's IFT loss (`ift_loss`, scaled by `window_mean`),
+        plus the MoE router aux loss as SFTTrainer adds it; gathers the IFT metrics. With
+        `return_outputs`, `(loss, None)`: IFT builds no logits."""
         mode = "train" if self.model.training else "eval"
         lam = self.args.lambda_at(self.state.global_step, disturb=mode == "train")
-        args = self.args
-        extra = {k: v for k, v in inputs.items() if k in FORWARD_KEYS}  # padding-free collator's keys
         # The forward runs under accelerate's autocast (it wraps model.forward); the embedding
         # lookups and head calls made outside it run under the same autocast here.
         with self.accelerator.autocast():
@@ -262,25 +284,23 @@ class IFTTrainer(SFTTrainer):
                 inputs["input_ids"],
                 inputs["labels"],
                 inputs.get("attention_mask"),
+                replace(self.ift_options, lam=lam),
                 position_ids=inputs.get("position_ids"),
-                lam=lam,
-                gamma=args.gamma,
-                propagation=args.propagation,
-                side=args.side,
-                norm=args.norm,
-                intuition=args.intuition,
-                intuition_k=args.intuition_k,
-                intuition_temperature=args.intuition_temperature,
-                intuition_embeddings=args.intuition_embeddings,
-                detach_weights=args.detach_weights,
                 generator=self._generator(inputs["input_ids"].device),
-                head_chunk_size=args.head_chunk_size,
-                train_logprobs=self._trl_head(model, inputs) if args.lm_head == "trl" else None,
-                with_sft_loss=mode == "eval" or self._logs_this_step(),
-                **extra,
+                train_logprobs=self._trl_head(model, inputs) if self.args.lm_head == "trl" else None,
+                **{k: v for k, v in inputs.items() if k in FORWARD_KEYS},  # padding-free collator's keys
             )
         loss = self.window_mean(out.loss_sum, out.n_sequences, num_items_in_batch)
-        self._log_metrics(mode, out, lam)
+        if self.aux_loss_enabled and out.aux_loss is not None:
+            # As SFTTrainer: a per-micro-batch mean that DDP averages across processes; with
+            # `num_items_in_batch` the Trainer leaves accumulation to the loss, so / the steps.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * out.aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(out.aux_loss.detach()).mean().item()
+            )
+        self._add_metrics(mode, out)
+        self._metrics[mode]["lambda"].append(lam)
         return (loss, None) if return_outputs else loss
 
     def window_mean(self, loss_sum: torch.Tensor, n_sequences: torch.Tensor, num_items_in_batch) -> torch.Tensor:
@@ -292,39 +312,44 @@ class IFTTrainer(SFTTrainer):
         loss = loss_sum / torch.as_tensor(num_items_in_batch).clamp_min(1)
         return loss * self.accelerator.num_processes if self.args.average_tokens_across_devices else loss
 
-    def _logs_this_step(self) -> bool:
-        """Whether the current optimizer step ends in a log line: `sft_loss` (a log-sum-exp
-        over the vocabulary) is only computed for the steps whose metrics are logged."""
-        args, step = self.args, self.state.global_step + 1
-        if args.logging_strategy != "steps":
-            return args.logging_strategy != "no"  # per epoch: not known ahead, so always
-        # A ratio (< 1) is turned into steps by the Trainer when training starts.
-        every = max(1, int(args.logging_steps if args.logging_steps >= 1 else self.state.logging_steps))
-        return step % every == 0 or (args.logging_first_step and step == 1)
-
     @staticmethod
     def _trl_head(model, inputs):
         """The training pass through the fused LM head that SFTTrainer attaches to the model."""
 
-        def logprobs(inputs_embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return model(
+        def logprobs(inputs_embeds: torch.Tensor, labels: torch.Tensor):
+            out = model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=inputs.get("attention_mask"),
                 position_ids=inputs.get("position_ids"),
                 labels=labels,
                 fused_lm_head=True,
-            ).log_probs
+            )
+            return out.log_probs, getattr(out, "aux_loss", None)
 
         return logprobs
 
-    def _log_metrics(self, mode: str, out: Any, lam: float) -> None:
-        gather = self.accelerator.gather_for_metrics
-        stats = torch.stack([out.sft_loss, out.intuitive_nll, out.intuition_accuracy.to(out.sft_loss.dtype)])
-        stats = gather(stats.detach().float().reshape(1, -1)).reshape(-1, 3).mean(0).tolist()
-        for key, value in zip(("sft_loss", "intuitive_nll", "intuition_accuracy"), stats):
-            if value == value:  # NaN: sft_loss is not computed on steps that are not logged
-                self._metrics[mode][key].append(value)
-        self._metrics[mode]["lambda"].append(lam)
+    def _add_metrics(self, mode: str, out: Any) -> None:
+        """Add this micro-batch's sums and counts, gathered over processes (one collective, made
+        by every process on every micro-batch), to those of the logging window."""
+        sums = torch.stack(
+            [out.sft_loss_sum, out.intuitive_nll_sum, out.n_sequences, out.n_correct, out.n_tokens]
+        ).detach()
+        totals = self.accelerator.reduce(sums.double(), reduction="sum").tolist()
+        for key, value in zip(METRIC_SUMS, totals):
+            self._metric_sums[mode][key] += value
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The window's IFT metrics, sums divided by counts: token- and sequence-weighted over
+        every micro-batch and process, as one big batch would give them."""
+        mode = "train" if self.model.training else "eval"
+        sums = self._metric_sums[mode]
+        if sums["sequences"]:
+            prefix = "eval_" if mode == "eval" else ""
+            logs[f"{prefix}sft_loss"] = sums["sft_loss"] / sums["sequences"]
+            logs[f"{prefix}intuitive_nll"] = sums["intuitive_nll"] / sums["sequences"]
+            logs[f"{prefix}intuition_accuracy"] = sums["correct"] / max(1.0, sums["tokens"])
+        sums.clear()
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """`(loss, None, None)`: IFT builds no full logits, so evaluation reports the loss only."""
@@ -332,6 +357,22 @@ class IFTTrainer(SFTTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def resolve_assistant_only_loss(args: SFTConfig, sample: dict | None) -> None:
+    """Fill in iftune's default `assistant_only_loss=None` from the data: True for conversational
+    data, False otherwise (TRL supports it for conversational data only). An explicit True on
+    other data is refused, never rewritten."""
+    if sample is None:
+        return
+    conversational = is_conversational(sample)
+    if args.assistant_only_loss is None:
+        args.assistant_only_loss = conversational
+    elif args.assistant_only_loss and not conversational:
+        raise UserError(
+            f"--assistant_only_loss true needs conversational data (a `messages` column), but the data has "
+            f"columns {sorted(sample)}; leave it unset or set --assistant_only_loss false"
+        )
 
 
 def _first_row(dataset) -> dict | None:
@@ -345,4 +386,4 @@ def _first_row(dataset) -> dict | None:
         return None
 
 
-__all__ = ["IFTConfig", "IFTTrainer", "default_bf16"]
+__all__ = ["IFTConfig", "IFTTrainer", "default_bf16", "resolve_assistant_only_loss"]

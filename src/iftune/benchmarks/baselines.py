@@ -24,7 +24,7 @@ class PathSFTTrainer(IFTTrainer):
         position_ids = inputs.get("position_ids")
         targets, mask = trained_targets(inputs["labels"], position_ids)
         with self.accelerator.autocast():  # the head call outside the forward too, as IFTTrainer
-            logp = trained_logprobs(
+            logp, _ = trained_logprobs(
                 model, targets, mask, inputs.get("attention_mask"), position_ids, input_ids=inputs["input_ids"]
             )
         loss_sum = (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
