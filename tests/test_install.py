@@ -92,8 +92,10 @@ def test_study_commands_name_the_extra(argv, missing, monkeypatch, capsys):
     name = argv[0] if argv else "demo"
     monkeypatch.setitem(cli.COMMANDS, name, ("iftune.errors", "no_such_entry", ""))
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert len(err) == 1 and missing in err[0] and "pip install 'iftune[studies]'" in err[0]
+    assert out == ""  # not "running the demo" first
 
 
 def test_bench_without_plot_and_help_need_no_extra(monkeypatch):

@@ -99,14 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-V", "--version", "version"):
         print(version())
         return 0
-    if not argv:
-        name = "demo"
-        print(
-            "iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
-            "train your own model with `iftune ift --model_name_or_path M --dataset_name D`."
-        )
-    else:
-        name, argv = argv[0], argv[1:]
+    default = not argv
+    name, argv = ("demo", []) if default else (argv[0], argv[1:])
     if name not in COMMANDS:
         print(f"iftune: unknown command '{name}'; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -121,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if default:
+        print(
+            "iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
+            "train your own model with `iftune ift --model_name_or_path M --dataset_name D`."
+        )
     try:
         entry = getattr(importlib.import_module(module), func)
         return int((entry(name, argv) if name in TRAINING else entry(argv)) or 0)
