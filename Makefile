@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test`; `make test-fast` skips the slow
 # (multi-process, end-to-end) tests; `make lint` is ruff's check and format check. Both build the same virtual
-# environment (with the QLoRA and DeepSpeed extras, whose tests run on the CPU); torch is the CPU wheel
-# 2.13.0 when no torch is present.
+# environment (with the QLoRA and DeepSpeed extras, whose tests run on the CPU, and the studies' extra that the
+# demo needs); torch is the CPU wheel 2.13.0 when no torch is present.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,eval,qlora,deepspeed]"
+	$(PIP) install -q -e ".[test,eval,qlora,deepspeed,studies]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,27 +11,38 @@ import torch
 from safetensors.torch import save_file
 
 from iftune.callbacks import all_finite, finite_norm
-from iftune.checks import safetensors_problem
+from iftune.checks import check_weight_files, safetensors_problem
+from iftune.errors import UserError
 
 
 def test_safetensors_problem(tmp_path):
+    """A file cut anywhere (in the data as well as in the header) is refused, with the flag and
+    the file named; whole files pass."""
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(64), "b": torch.zeros(3, 5)}, str(path))
     whole = path.read_bytes()
     assert safetensors_problem(path) is None
     header = 8 + int.from_bytes(whole[:8], "little")
-    data = 64 * 4 + 15 * 4
-    assert len(whole) == header + data
-    path.write_bytes(whole[:-1])
-    assert safetensors_problem(path) == f"truncated ({header + data - 1} of {header + data} bytes)"
-    path.write_bytes(whole[:20])
-    assert safetensors_problem(path).startswith("truncated (header of")
-    path.write_bytes(whole[:5])
-    assert safetensors_problem(path) == "truncated (5 bytes, no header)"
-    path.write_bytes(len(b"{nope").to_bytes(8, "little") + b"{nope")
-    assert safetensors_problem(path) == "not a safetensors file (unreadable header)"
+    assert len(whole) == header + (64 + 15) * 4
+    cuts = {
+        "last byte of the data": whole[:-1],
+        "the last tensor": whole[: header + 64 * 4],
+        "all the data": whole[:header],
+        "inside the header": whole[:20],
+        "before the header's length": whole[:5],
+        "empty": b"",
+        "unreadable header": len(b"{nope").to_bytes(8, "little") + b"{nope",
+    }
+    for what, data in cuts.items():
+        path.write_bytes(data)
+        assert safetensors_problem(path), what
+        with pytest.raises(UserError) as err:
+            check_weight_files(tmp_path, "--model_name_or_path")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"--model_name_or_path: {path}: truncated"), what
     path.write_bytes(len(json.dumps({}).encode()).to_bytes(8, "little") + b"{}")
     assert safetensors_problem(path) is None  # no tensors: nothing is missing
+    check_weight_files(tmp_path, "--model_name_or_path")
 
 
 def test_finite_checks_one_process():
@@ -101,3 +112,34 @@ def test_two_processes_share_the_data_and_stop_together(tmp_path):
     assert [g["processes"] for g in got] == [2, 2] and [g["rows"] for g in got] == [32, 32]
     assert [g["cached"] for g in got] == [False, True]
     assert [g["finite"] for g in got] == [[False, True, False]] * 2
+
+
+def test_lm_head_vocab_size_is_read_or_refused():
+    """The head's output size comes from its weight (the full shape under ZeRO-3) or
+    `out_features`; a head with neither is refused, not given a guessed size."""
+    from torch import nn
+
+    from iftune.lm_head import token_logprobs, vocab_size
+
+    head = nn.Linear(8, 37, bias=False)
+    assert vocab_size(head) == 37
+    head.weight.ds_shape = torch.Size([1000, 8])  # ZeRO-3 keeps a 0-element local partition
+    assert vocab_size(head) == 1000
+
+    class Projection(nn.Module):  # computes logits with another module's weight
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.source = [weight]
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden @ self.source[0].T
+
+    odd = Projection(torch.randn(37, 8))
+    with pytest.raises(ValueError, match=r"Projection.*head_chunk_size"):
+        vocab_size(odd)
+    odd.out_features = 37
+    assert vocab_size(odd) == 37
+    del odd.out_features
+    hidden, targets = torch.randn(2, 5, 8), torch.randint(0, 37, (2, 5))
+    expected = torch.log_softmax(hidden @ odd.source[0].T, -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(hidden, odd, targets, chunk_size=3), expected)

@@ -155,9 +155,11 @@ def test_chat_template_without_generation_markers_is_one_line(tmp_path, chat_fil
 
 
 def test_model_card_names_ift_and_the_paper(tmp_path, tiny_model_dir, chat_file):
-    assert cli.main(["ift", *_args(tiny_model_dir, chat_file, tmp_path / "o")]) == 0
+    argv = [*_args(tiny_model_dir, chat_file, tmp_path / "o"), "--hub_model_id", "someone/ift-card"]
+    assert cli.main(["ift", *argv]) == 0
     card = (tmp_path / "o" / "README.md").read_text()
     assert "IFT" in card and "Intuitive Fine-Tuning" in card and "2405.11870" in card
+    assert "# Model Card for ift-card" in card  # the name TRL's trainers give it: the hub id's, not output_dir's
 
 
 def test_eval_split_is_used_or_its_absence_refused(tmp_path, tiny_model_dir, chat_file, capsys):

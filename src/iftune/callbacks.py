@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from transformers import TrainerCallback
 
 from iftune.errors import UserError
@@ -46,21 +48,12 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def agree(ok: bool) -> bool:
-    """`ok` on every process: all ranks must agree to stop, or the others would hang."""
-    bad = torch.tensor(float(not ok))
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.distributed.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        bad = bad.to(device)
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return not bool(bad.item())
+    """`ok` on every process: all ranks must agree to stop, or the others would hang. The flag
+    lives on accelerate's device for this process (the one its backend reduces on: a GPU under
+    NCCL, the CPU under gloo, an XLA device)."""
+    state = PartialState()
+    bad = torch.tensor(float(not ok), device=state.device)
+    return not bool(reduce(bad, reduction="max").item())
 
 
 def trainable(model) -> list[torch.nn.Parameter]:

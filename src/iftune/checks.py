@@ -7,11 +7,9 @@ stops in seconds instead of after training.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -116,33 +114,26 @@ def check_weight_files(directory: Path, flag: str) -> None:
     for file in sorted(directory.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
-            raise UserError(f"{flag}: {file}: {problem}; download or copy it again")
+            raise UserError(
+                f"{flag}: {file}: truncated or not a safetensors file ({problem}); download or copy it again"
+            )
 
 
 def safetensors_problem(file: Path) -> str | None:
-    """Why `file` is not a complete safetensors file, or None: the header's length, JSON and
-    tensor offsets are checked against the file's size."""
-    size = file.stat().st_size
-    with file.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return f"truncated ({size} bytes, no header)"
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            return f"truncated (header of {length} bytes, file of {size})"
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "not a safetensors file (unreadable header)"
-    ends = [
-        t["data_offsets"][1]
-        for k, t in header.items()
-        if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
-    ]
-    expected = 8 + length + max(ends, default=0)
-    if size < expected:
-        return f"truncated ({size} of {expected} bytes)"
-    return None
+    """Why `file` is not a complete safetensors file (safetensors' own reason), or None.
+
+    `safe_open` reads only the header, and refuses a file whose tensors' byte ranges do not
+    cover the data section exactly, so a file cut anywhere (header or data) is caught without
+    reading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            return None
+    except SafetensorError as err:
+        return str(err).removeprefix("Error while deserializing header: ")
+    except OSError as err:
+        return err.strerror or str(err)
 
 
 def model_config(name: str, revision: str | None, trust_remote_code: bool):

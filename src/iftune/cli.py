@@ -8,6 +8,7 @@ it is printed as one line (no traceback) and the command exits with status 2.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import platform
 import sys
 from importlib import metadata
@@ -28,6 +29,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("iftune.evaluation", "main", "benchmarks through lm-evaluation-harness"),
     "generate": ("iftune.evaluation", "generate_main", "AlpacaEval-ready generations"),
     "bench": ("iftune.benchmarks.command", "main", "time and memory of IFT vs SFT, DPO, ORPO"),
+}
+# What the studies import beyond training (the `studies` extra), imported only once they run.
+STUDIES_EXTRA: dict[str, tuple[str, ...]] = {
+    "demo": ("matplotlib",),
+    "study": ("matplotlib",),
+    "frozenlake": ("gymnasium", "matplotlib"),
 }
 # Commands parsed by TRL's parser, which spells flags with underscores (and accepts dashes);
 # the others use argparse with dashes, and are given underscores as dashes.
@@ -55,6 +62,23 @@ def version() -> str:
     return f"iftune {__version__} (python {platform.python_version()}, {deps})"
 
 
+def missing_extra(name: str, argv: list[str]) -> list[str]:
+    """The modules of the `studies` extra that command `name` needs with `argv` and cannot import."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        return []
+    needs = STUDIES_EXTRA.get(name, ())
+    if name == "bench" and any(arg == "--plot" or arg.startswith("--plot=") for arg in argv):
+        needs = ("matplotlib",)
+    return [module for module in needs if not importable(module)]
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
+        return False
+
+
 def dashed(argv: list[str]) -> list[str]:
     """`--output_dir x` as `--output-dir x` (up to a `--`), so both spellings work everywhere."""
     out = list(argv)
@@ -75,20 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-V", "--version", "version"):
         print(version())
         return 0
-    if not argv:
-        name = "demo"
-        print(
-            "iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
-            "train your own model with `iftune ift --model_name_or_path M --dataset_name D`."
-        )
-    else:
-        name, argv = argv[0], argv[1:]
+    default = not argv
+    name, argv = ("demo", []) if default else (argv[0], argv[1:])
     if name not in COMMANDS:
         print(f"iftune: unknown command '{name}'; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
     if name not in TRAINING:
         argv = dashed(argv)
+    missing = missing_extra(name, argv)
+    if missing:
+        print(
+            f"iftune {name}: error: needs {' and '.join(missing)}, which training does not install: "
+            f"pip install 'iftune[studies]'",
+            file=sys.stderr,
+        )
+        return 2
+    if default:
+        print(
+            "iftune: no command given, running the demo (IFT vs SFT on a tiny offline model); "
+            "train your own model with `iftune ift --model_name_or_path M --dataset_name D`."
+        )
     try:
         entry = getattr(importlib.import_module(module), func)
         return int((entry(name, argv) if name in TRAINING else entry(argv)) or 0)

@@ -227,7 +227,13 @@ def vocab_size(head: nn.Module) -> int:
     weight = getattr(head, "weight", None)
     if weight is not None:
         return int(getattr(weight, "ds_shape", weight.shape)[0])
-    return int(getattr(head, "out_features", 32000))
+    size = getattr(head, "out_features", None)
+    if size is None:
+        raise ValueError(
+            f"LM head {type(head).__name__}: no `weight` or `out_features` to read the vocabulary size from; "
+            f"give the chunk size (head_chunk_size)"
+        )
+    return int(size)
 
 
 __all__ = ["chunk_positions", "head_call", "intuition_from_hidden", "logit_transform", "token_logprobs", "vocab_size"]

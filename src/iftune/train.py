@@ -195,7 +195,11 @@ def model_init_kwargs(model_args, training_args) -> dict[str, Any]:
         if not model_args.use_peft:
             raise UserError("--load_in_4bit/--load_in_8bit train adapters only: add --use_peft (QLoRA)")
         kwargs.setdefault("quantization_config", quantization)
-        kwargs.setdefault("device_map", {"": str(training_args.device)})  # each process its own device
+        # Each process's whole model on its own device, as transformers advises for distributed runs
+        # (TRL 1.16 has no `get_kbit_device_map` any more, and its default "auto" would spread a
+        # one-process or FSDP run over every visible GPU; under DDP and DeepSpeed TRL resets it to None,
+        # and bitsandbytes' quantizer then picks the process's current device, the same one).
+        kwargs.setdefault("device_map", {"": str(training_args.device)})
     return kwargs
 
 
@@ -345,7 +349,10 @@ def train(method: str, script_args: DataArguments, training_args, model_args):
     trainer.save_state()  # trainer_state.json (the log history) beside the model, even with save_strategy=no
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
-        trainer.create_model_card(model_name=Path(training_args.output_dir).name)
+        # The name TRL's trainers give the card when they save; the card's base model is TRL's
+        # `get_config_model_id(model.config)`, read by `create_model_card` itself.
+        hub_id = training_args.hub_model_id
+        trainer.create_model_card(model_name=hub_id.split("/")[-1] if hub_id else Path(training_args.output_dir).name)
         logger.info("saved %s model to %s", method, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
