@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
+from trl.trainer.utils import get_config_model_id
 
 from iftune.errors import UserError, check_choice, check_unit
 from iftune.modeling import FORWARD_KEYS, sequence_count
@@ -212,11 +213,9 @@ class IFTTrainer(SFTTrainer):
     }
 
     def __init__(self, model, args: IFTConfig | None = None, data_collator=None, train_dataset=None, *pos, **kwargs):
-        if args is None:
-            name = (
-                model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
-            )
-            args = IFTConfig(f"{str(name).split('/')[-1]}-IFT")
+        if args is None:  # named as SFTTrainer names its default run
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = IFTConfig(f"{name.split('/')[-1]}-IFT")
         elif not isinstance(args, IFTConfig):
             raise TypeError("IFTTrainer needs an IFTConfig")
         resolve_assistant_only_loss(args, _first_row(train_dataset))
