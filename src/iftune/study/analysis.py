@@ -158,3 +158,46 @@ def forest_plot(analysis: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def power(first: dict, n_bases: int, n_seeds: int, a: str = "ift", b: str = "sft") -> dict:
+    """The minimal detectable effect of a - b (80% power, two-sided 95% cluster-t test) at
+    `n_bases` x `n_seeds`, from the seed and base variation of the paired differences in an
+    earlier study's runs (`first`: its study.json), per metric that study scored.
+    {metric: {"seed_sd", "base_sd", "mde", "n_bases", "n_seeds"}}."""
+    from iftune.stats import minimal_detectable_effect, variance_components
+
+    runs = first["runs"]
+    out = {}
+    for metric in ("step_accuracy", "exact_match", "heldout_nll"):
+        xa, xb = by_key(runs, a, metric), by_key(runs, b, metric)
+        groups: dict[int, list[float]] = {}
+        for base, seed in sorted(k for k in xa if k in xb):
+            groups.setdefault(base, []).append(xa[(base, seed)] - xb[(base, seed)])
+        parts = variance_components(groups)
+        out[metric] = {
+            **parts,
+            "mde": minimal_detectable_effect(parts["seed_sd"], parts["base_sd"], n_bases, n_seeds),
+            "n_bases": n_bases,
+            "n_seeds": n_seeds,
+        }
+    return out
+
+
+def power_table(first: dict, designs: list[tuple[int, int]]) -> str:
+    """The text `iftune study --power FILE` prints: per metric, the first study's seed and base SD
+    of IFT - SFT and the minimal detectable effect of each (bases, seeds) design."""
+    scale = {"step_accuracy": 100, "exact_match": 100, "heldout_nll": 1}
+    lines = [
+        f"{'IFT - SFT, from':<16} {'seed SD':>8} {'base SD':>8}  "
+        + "  ".join(f"{f'MDE {nb}x{ns}':>10}" for nb, ns in designs)
+    ]
+    tables = [power(first, nb, ns) for nb, ns in designs]
+    for metric in tables[0]:
+        k, d = scale[metric], 3 if metric == "heldout_nll" else 1
+        row = tables[0][metric]
+        lines.append(
+            f"{metric:<16} {k * row['seed_sd']:>8.{d}f} {k * row['base_sd']:>8.{d}f}  "
+            + "  ".join(f"{k * t[metric]['mde']:>10.{d}f}" for t in tables)
+        )
+    return "\n".join(lines)
