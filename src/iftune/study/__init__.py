@@ -36,8 +36,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--power", type=Path, metavar="STUDY_JSON", help="print the minimal detectable effects from an earlier study"
     )
-    p.add_argument("--bases", type=int, default=d.bases, help="confirmatory bases (pre-training seeds from 10)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="fine-tuning seeds per base and method")
+    p.add_argument(
+        "--bases", type=int, help=f"confirmatory bases, pre-training seeds from {d.first_base} (default {d.bases})"
+    )
+    p.add_argument("--seeds", type=int, help=f"fine-tuning seeds per base and method (default {d.seeds})")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="methods to run")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, one torch thread each)")
     p.add_argument(
@@ -57,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny, minutes-long version for tests")
     args = p.parse_args(argv)
     for flag in ("bases", "seeds", "workers"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag}={getattr(args, flag)}: expected an integer >= 1")
     if "sft" not in args.methods:
         raise UserError("--methods: the differences are taken against sft and the sequential methods start from it")
@@ -69,13 +71,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> StudySettings:
-    """The study's settings; --quick shrinks everything (--bases/--seeds still override)."""
-    s = StudySettings(bases=args.bases, seeds=args.seeds, methods=tuple(args.methods))
-    if args.quick:
-        default = StudySettings()
-        given = {k: getattr(args, k) for k in ("bases", "seeds") if getattr(args, k) != getattr(default, k)}
-        s = replace(s, **{**QUICK, **given})
-    return s
+    """The study's settings; --quick shrinks everything (--bases/--seeds, when given, still count)."""
+    given = {k: getattr(args, k) for k in ("bases", "seeds") if getattr(args, k) is not None}
+    s = StudySettings(methods=tuple(args.methods))
+    return replace(s, **{**(QUICK if args.quick else {}), **given})
 
 
 def check_resume(work: Path, mine: dict) -> None:
@@ -177,16 +176,14 @@ def run_study(args: argparse.Namespace) -> int:
     tuning = read_tuning(args.tuning, s)
     values = {m: tuning["values"][m] for m in s.methods}
     start = time.perf_counter()
+    records = [json.loads(p.read_text()) for p in sorted((work / "bases").glob("base*.json"))]
+    if args.report_only and not records:
+        raise UserError(f"--report-only: {work} holds no study yet")
     work.mkdir(parents=True, exist_ok=True)
     check_resume(work, {**asdict(s), "role": "comparison", "values": values})
-    seeds = s.base_seeds()
-    if args.report_only:
-        records = [json.loads(p.read_text()) for p in sorted((work / "bases").glob("base*.json"))]
-        if not records:
-            raise UserError(f"--report-only: {work} holds no study yet")
-    else:
+    if not args.report_only:
         prepare_data(work, s)
-        records = bases(work, s, seeds, args.workers)
+        records = bases(work, s, s.base_seeds(), args.workers)
         order = ["sft", *(m for m in s.methods if m != "sft")]
         cells = [(b, seed) for seed in range(s.seeds) for b in records]
         todo = [c for c in cells if not all(run_path(work, c[0]["index"], m, c[1]).exists() for m in order)]
