@@ -417,6 +417,15 @@ def test_resume_continues_after_an_interruption(tmp_path, monkeypatch):
     assert out["settings"]["learning_rates"] == {"sft": 1e-3, "ift": 1e-3, "sft_ift": 1e-3}
     with pytest.raises(UserError, match="other settings"):
         study.main([*argv, "--seeds", "1"])
+    # runs made by one commit are not continued by another; a later report names the runs' commit
+    made_by = out["commit"]
+    monkeypatch.setattr(study, "git_state", lambda: {"commit": "0123abc", "status": []})
+    with pytest.raises(UserError, match=r"other settings \(commit\)"):
+        study.main(argv)
+    for b in (0, 1):  # what the real base step writes (faked above)
+        save_json({"index": b, "path": "x"}, tmp_path / "s" / "bases" / f"base{b}.json")
+    assert study.main([*argv, "--report-only"]) == 0
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["commit"] == made_by != "0123abc"
 
 
 def test_quick_study_tunes_then_compares_and_writes_its_schemas(tmp_path, capsys):

@@ -77,18 +77,25 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
     return replace(s, **{**(QUICK if args.quick else {}), **given})
 
 
-def check_resume(work: Path, mine: dict) -> None:
-    """Refuse to mix runs made under other settings or values into this study's results."""
-    saved, mine = work / "settings.json", json.loads(json.dumps(mine))  # tuples as JSON gives them back
+def check_resume(work: Path, mine: dict, state: dict, report_only: bool = False) -> dict:
+    """Refuse to mix runs made under other settings, values or code (commit) into this study's
+    results; returns the commit and `git status` of the code the saved runs were made with
+    (with --report-only, those saved; a report made later from a newer commit names the runs')."""
+    saved = work / "settings.json"
+    mine = json.loads(json.dumps({**mine, "commit": state["commit"], "git_status": state["status"]}))
     if saved.exists():
         before = json.loads(saved.read_text())
-        changed = sorted(k for k in mine if k not in ("methods", "bases") and before.get(k) != mine[k])
+        ignore = {"methods", "bases", "git_status", *(("commit",) if report_only else ())}
+        changed = sorted(k for k in mine if k not in ignore and before.get(k) != mine[k])
         if changed:
             raise UserError(
                 f"--output-dir {work} holds a study with other settings ({', '.join(changed)}); "
                 f"use another --output-dir or delete it"
             )
+        if report_only:
+            return {"commit": before.get("commit"), "status": before.get("git_status")}
     save_json(mine, saved)
+    return state
 
 
 def main(argv: list[str]) -> int:
@@ -124,7 +131,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     s, work = settings_from(args), args.output_dir
     check_clean(state, args.allow_dirty, s.quick)
     work.mkdir(parents=True, exist_ok=True)
-    check_resume(work, {**asdict(s), "role": "tuning"})
+    check_resume(work, {**asdict(s), "role": "tuning"}, state)
     prepare_data(work, s)
     start = time.perf_counter()
     out = tune(work, s, args.workers, state)
@@ -180,7 +187,7 @@ def run_study(args: argparse.Namespace) -> int:
     if args.report_only and not records:
         raise UserError(f"--report-only: {work} holds no study yet")
     work.mkdir(parents=True, exist_ok=True)
-    check_resume(work, {**asdict(s), "role": "comparison", "values": values})
+    state = check_resume(work, {**asdict(s), "role": "comparison", "values": values}, state, args.report_only)
     if not args.report_only:
         prepare_data(work, s)
         records = bases(work, s, s.base_seeds(), args.workers)
