@@ -26,20 +26,29 @@ from iftune.study.tuning import read_tuning, tune
 from iftune.study.work import bases, check_clean, execute, git_state, prepare_data, read_split
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None (those flags say their default in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     d = StudySettings()
-    p = argparse.ArgumentParser(
-        prog="iftune study", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="iftune study", description=__doc__.splitlines()[0], formatter_class=_Help)
     p.add_argument("--tune", action="store_true", help="choose each method's values on the validation split")
     p.add_argument("--tuning", type=Path, help="the tuning.json the comparison runs with (written by --tune)")
     p.add_argument(
         "--power", type=Path, metavar="STUDY_JSON", help="print the minimal detectable effects from an earlier study"
     )
     p.add_argument(
-        "--bases", type=int, help=f"confirmatory bases, pre-training seeds from {d.first_base} (default {d.bases})"
+        "--bases",
+        type=int,
+        help=f"confirmatory bases, pre-training seeds from {d.first_base} (default: {d.bases}; 2 with --quick)",
     )
-    p.add_argument("--seeds", type=int, help=f"fine-tuning seeds per base and method (default {d.seeds})")
+    p.add_argument(
+        "--seeds", type=int, help=f"fine-tuning seeds per base and method (default: {d.seeds}; 1 with --quick)"
+    )
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS), help="methods to run")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes, one torch thread each)")
     p.add_argument(
