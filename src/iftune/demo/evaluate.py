@@ -68,7 +68,8 @@ def heldout_nll(tokenizer, model, examples: list[dict], batch_size: int = 100) -
 
 
 def evaluate(model_dir: Path, heldout: list[dict], chat: bool = True) -> dict:
-    """{"exact_match", "step_accuracy", "heldout_nll", "samples"} of the model on `heldout`."""
+    """{"exact_match", "step_accuracy", "heldout_nll", "samples", "generated"} of the model on
+    `heldout` ("generated": every greedy answer, in order, for scores computed elsewhere)."""
     tokenizer, model = load(model_dir)
     questions = [e["messages"][0]["content"] for e in heldout]
     references = [e["messages"][1]["content"] for e in heldout]
@@ -82,4 +83,5 @@ def evaluate(model_dir: Path, heldout: list[dict], chat: bool = True) -> dict:
         "samples": [
             {"prompt": q, "generated": g, "reference": r} for q, g, r in list(zip(questions, generated, references))[:3]
         ],
+        "generated": generated,
     }

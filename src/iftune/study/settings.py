@@ -1,68 +1,135 @@
-"""The study's pre-registered settings (docs/study.md): methods, bases, seeds, budget.
+"""The second study's pre-registered design (docs/study.md): methods, grids, bases, seeds, budget,
+metrics and comparisons.
 
-Every method starts from the same base, sees the same training problems and gets the same number
-of optimizer steps, learning rate and batch size; only the loss (and, for the preference methods,
-the rejected answers) differs. Each stage is one `iftune.train.train` call with the flags a user
-would give `iftune <command>`.
+Every method that starts from a base sees the same training problems for the same number of
+optimizer steps; the sequential methods continue the `sft` run of the same base and seed for the
+same extra steps. Each method's learning rate (IFT's lam, DPO's beta) is chosen on a validation
+split by `iftune study --tune` from the grids below. Each stage is one `iftune.train.train` call
+with the flags a user would give `iftune <command>`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class Stage:
-    command: str  # sft | ift | dpo | orpo
+class Method:
+    command: str  # sft | ift | dpo
     flags: tuple[str, ...] = ()
-    share: float = 1.0  # of the step budget
-    pairs: str | None = None  # preference methods: "base" (the base's own answers) or "self" (this run's model so far)
+    after_sft: bool = False  # continues the `sft` run of the same base and seed for `extra_steps`
+    pairs: bool = False  # trains on preference pairs from its starting model's own answers
+    tuned_as: str | None = None  # an ablation: takes this method's tuned values, is not tuned itself
 
 
-# label -> stages, SFT first (the reference of the paired differences).
-METHODS: dict[str, tuple[Stage, ...]] = {
-    "sft": (Stage("sft"),),
-    "ift": (Stage("ift"),),  # the paper's defaults: lam 0.2, gamma 0.95
-    "ift_mix": (Stage("ift", ("--gamma", "0")),),  # eq. 17 mixing only
-    "ift_prop": (Stage("ift", ("--max_lambda", "0")),),  # eq. 22 propagation only
-    "dpo": (Stage("dpo", pairs="base"),),
-    "orpo": (Stage("orpo", pairs="base"),),
-    "sft_dpo": (Stage("sft", share=0.5), Stage("dpo", share=0.5, pairs="self")),  # the paper's sequential scenario
+METHODS: dict[str, Method] = {
+    "sft": Method("sft"),
+    "ift": Method("ift"),  # gamma 0.95 (the authors' script), lam tuned
+    "ift_mix": Method("ift", ("--gamma", "0"), tuned_as="ift"),  # eq. 17 mixing only
+    "ift_prop": Method("ift", ("--max_lambda", "0"), tuned_as="ift"),  # eq. 22 propagation only
+    "dft": Method("sft", ("--loss_type", "dft")),  # TRL's Dynamic Fine-Tuning loss
+    "sft_sft": Method("sft", after_sft=True),  # the paper's sequential scenario: more SFT
+    "sft_ift": Method("ift", after_sft=True),  # ... IFT after SFT
+    "sft_dpo": Method("dpo", after_sft=True, pairs=True),  # ... DPO after SFT (the positive control)
 }
-METRICS = ("exact_match", "step_accuracy", "heldout_nll")
+# The hyper-parameters each tuned value sets, as `iftune` flags.
+FLAG = {"learning_rate": "--learning_rate", "max_lambda": "--max_lambda", "beta": "--beta"}
+METRICS = ("step_validity", "exact_match", "step_accuracy", "heldout_nll", "validity_after_error")
 LOWER_IS_BETTER = {"heldout_nll"}
-# (a, b): a - b per (base, seed); the first is the primary comparison.
+PRIMARY = ("ift", "sft", "step_validity")
+POSITIVE_CONTROL = ("sft_dpo", "sft_sft", "step_validity")
+# (a, b): a - b per (base, seed); every metric of each is reported. All but the primary and the
+# positive control's metric form the exploratory family that Holm's correction covers.
 COMPARISONS = [
     ("ift", "sft"),
+    ("sft_dpo", "sft_sft"),
+    ("sft_ift", "sft_sft"),
+    ("sft_ift", "sft_dpo"),
+    ("dft", "sft"),
+    ("ift", "dft"),
     ("ift_mix", "sft"),
     ("ift_prop", "sft"),
-    ("dpo", "sft"),
-    ("orpo", "sft"),
-    ("sft_dpo", "sft"),
-    ("ift", "dpo"),
-    ("ift", "orpo"),
-    ("ift", "sft_dpo"),
 ]
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """One coordinate-search step: `method`'s `param` over `values`, the others held at what the
+    earlier steps chose (else at `defaults`). Steps run in order; a step may start only when the
+    steps it depends on are done (the `sft` step, for the sequential methods)."""
+
+    method: str
+    param: str
+    values: tuple[float, ...]
+
+
+GRID: tuple[Tuning, ...] = (
+    Tuning("sft", "learning_rate", (3e-4, 1e-3, 3e-3)),
+    Tuning("dft", "learning_rate", (3e-4, 1e-3, 3e-3)),
+    Tuning("ift", "learning_rate", (3e-4, 1e-3, 3e-3)),
+    Tuning("ift", "max_lambda", (0.1, 0.2, 0.4)),
+    Tuning("sft_sft", "learning_rate", (1e-4, 3e-4, 1e-3)),
+    Tuning("sft_dpo", "learning_rate", (1e-5, 3e-5, 1e-4, 3e-4)),
+    Tuning("sft_dpo", "beta", (0.03, 0.1, 0.3)),
+    Tuning("sft_ift", "learning_rate", (1e-4, 3e-4, 1e-3)),
+)
+# Values a parameter holds before its own step has chosen it.
+DEFAULTS = {
+    "ift": {"max_lambda": 0.2},  # the authors' script
+    "sft_dpo": {"beta": 0.1},  # TRL's default
+    "sft_ift": {"max_lambda": "ift"},  # IFT's chosen lam
+}
+QUICK_GRID: tuple[Tuning, ...] = (
+    Tuning("sft", "learning_rate", (1e-3, 3e-3)),
+    Tuning("dft", "learning_rate", (3e-3,)),
+    Tuning("ift", "learning_rate", (3e-3,)),
+    Tuning("ift", "max_lambda", (0.2,)),
+    Tuning("sft_sft", "learning_rate", (1e-3,)),
+    Tuning("sft_dpo", "learning_rate", (1e-4,)),
+    Tuning("sft_dpo", "beta", (0.1,)),
+    Tuning("sft_ift", "learning_rate", (1e-3,)),
+)
+
+
+@dataclass(frozen=True)
 class StudySettings:
-    bases: int = 4  # base seeds 0..bases-1; base 0 is the model shipped with iftune
-    seeds: int = 5  # fine-tuning seeds per base
-    steps: int = 100  # optimizer steps per run (split between the stages of a sequential method)
-    learning_rate: float = 3e-3
+    bases: int = 7  # confirmatory bases: pre-training seeds first_base .. first_base + bases - 1
+    first_base: int = 10  # never used before this study (the first study used 0-3)
+    tuning_bases: tuple[int, ...] = (100, 101)  # tuning only, never in the comparison
+    seeds: int = 2  # fine-tuning seeds per base
+    pilot_seeds: tuple[int, ...] = (1, 2)  # tuning: SFT and IFT at the chosen values, for the seed variance
+    steps: int = 300  # optimizer steps of every method from a base
+    extra_steps: int = 100  # of the second stage of a sequential method
     batch_size: int = 16
-    beta: float = 0.1  # DPO's and ORPO's beta (TRL's default)
-    n_train: int = 2000
-    n_heldout: int = 200
+    n_train: int = 2000  # training problems
+    n_valid: int = 500  # carved from the training problems: tuning scores only, never trained on
+    n_heldout: int = 1000
     methods: tuple[str, ...] = tuple(METHODS)
+    grid: tuple[Tuning, ...] = field(default=GRID)
+    smallest_effect: float = 0.05  # of the primary metric: "level" when the interval is inside +-this
     n_boot: int = 10000
-    quick: bool = False  # tests: a tiny base built on the spot
+    quick: bool = False  # tests: tiny bases built on the spot
 
-    def pair_prompts(self, steps: int) -> int:
-        """Training problems that get a preference pair for a stage of `steps` steps: the first
-        steps x batch, so that one epoch is the stage's budget."""
-        return min(self.n_train, steps * self.batch_size)
+    def base_seeds(self) -> list[int]:
+        return list(range(self.first_base, self.first_base + self.bases))
+
+    def pair_prompts(self) -> int:
+        """Training problems that get a preference pair: one epoch is the extra stage's budget."""
+        return min(self.n_train, self.extra_steps * self.batch_size)
 
 
-QUICK = {"bases": 2, "seeds": 2, "steps": 2, "n_train": 64, "n_heldout": 16, "n_boot": 200, "quick": True}
+QUICK = {
+    "bases": 2,
+    "first_base": 0,
+    "tuning_bases": (7,),
+    "seeds": 1,
+    "pilot_seeds": (1,),
+    "steps": 2,
+    "extra_steps": 2,
+    "n_train": 64,
+    "n_valid": 16,
+    "n_heldout": 16,
+    "grid": QUICK_GRID,
+    "n_boot": 200,
+    "quick": True,
+}
