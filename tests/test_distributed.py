@@ -94,11 +94,13 @@ def check_report(report: dict, bf16: bool = False) -> None:
 
 FSDP2_VARIANTS = {
     "untied": [],
+    "moe-router-loss": ["--moe"],
     "tied-detached": ["--tied", "--intuition_embeddings", "detached"],
     "bf16-mixed-precision": list(BF16),
 }
 ZERO3_VARIANTS = {
     "detached": ["--intuition_embeddings", "detached"],
+    "moe-router-loss": ["--moe"],
     "tied-bf16": ["--tied", *BF16],
 }
 

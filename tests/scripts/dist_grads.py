@@ -31,6 +31,34 @@ from iftune.objective import ift_loss
 from iftune.trainer import IFTTrainer
 
 ROWS = 2  # sequences per rank
+AUX_COEF = 0.05  # the tiny MoE's router_aux_loss_coef
+
+
+def tiny_moe(vocab: int, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny Qwen3-MoE (4 experts, 2 per token) that returns its router aux loss."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        output_router_logits=True,
+        router_aux_loss_coef=AUX_COEF,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +74,7 @@ def parse_args() -> argparse.Namespace:
         help="bf16: the wrapper's bf16 mixed precision (and, for FSDP2, CPU autocast, as accelerate adds)",
     )
     p.add_argument("--init", type=float, default=0.02, help="initializer_range of the tiny Llama")
+    p.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE with its router aux loss instead")
     p.add_argument("--steps", nargs="*", default=None, help="names of the steps to run (default: all)")
     p.add_argument("--out", required=True, help="JSON report; its folder also holds the saved reference model")
     return p.parse_args()
@@ -81,22 +110,32 @@ def loss_kwargs(args) -> dict:
 def window_loss(model, batch: dict, world: int, kw: dict):
     """IFTTrainer's loss for one micro-batch: its per-sequence losses summed over the count of
     sequences with a trained token on all ranks (`_get_num_items_in_batch`), times the number
-    of processes (the gradient reduction averages over ranks). Returns (loss, IFTOutput)."""
+    of processes (the gradient reduction averages over ranks), plus the MoE router loss weighted
+    as IFTTrainer weighs it (one micro-batch per step). Returns (loss, IFTOutput)."""
     count = torch.tensor([sequence_count(batch["labels"])])
     dist.all_reduce(count)
     out = ift_loss(model, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
     stub = SimpleNamespace(
         accelerator=SimpleNamespace(num_processes=world), args=SimpleNamespace(average_tokens_across_devices=True)
     )  # TrainingArguments' default
-    return IFTTrainer.window_mean(stub, out.loss_sum, out.n_sequences, count[0]), out
+    loss = IFTTrainer.window_mean(stub, out.loss_sum, out.n_sequences, count[0])
+    return (loss if out.aux_loss is None else loss + AUX_COEF * out.aux_loss), out
 
 
-def reference_grads(ref: torch.nn.Module, batch: dict, kw: dict, autocast: bool = False) -> dict:
-    """One process, whole batch: the plain mean over sequences with a trained token."""
+def reference_grads(ref: torch.nn.Module, batches: list[dict], kw: dict, autocast: bool = False) -> dict:
+    """One process, whole batch: the plain mean over sequences with a trained token; for a MoE
+    model plus the mean over the ranks' micro-batches of their router loss (what averaging the
+    ranks' gradients gives: the router loss is a per-micro-batch mean)."""
     ref.zero_grad(set_to_none=True)
+    batch = concat(batches)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = ift_loss(ref, batch["input_ids"], batch["labels"], torch.ones_like(batch["input_ids"]), **kw)
-    out.loss.backward()
+        loss = out.loss
+        if out.aux_loss is not None:
+            for part in batches:
+                own = ift_loss(ref, part["input_ids"], part["labels"], torch.ones_like(part["input_ids"]), **kw)
+                loss = loss + AUX_COEF * own.aux_loss / len(batches)
+    loss.backward()
     return {n: grad_or_zeros(p, p.grad) for n, p in ref.named_parameters()}
 
 
@@ -229,7 +268,8 @@ def main() -> None:
     torch.set_num_threads(1)
     vocab = len(build_tokenizer())
 
-    ref = build_model(vocab, seed=0, tie_word_embeddings=args.tied, initializer_range=args.init)
+    make = tiny_moe if args.moe else build_model
+    ref = make(vocab, seed=0, tie_word_embeddings=args.tied, initializer_range=args.init)
     ref.train()
     kw = loss_kwargs(args)
     plan = [(n, b) for n, b in steps(ref, vocab) if args.steps is None or n in args.steps]
@@ -252,8 +292,8 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss, out = window_loss(model, batches[rank], world, kw)
         backward(loss)
-        expected = reference_grads(ref, concat(batches), kw)
-        single = reference_grads(low, concat(batches), kw, autocast) if low is not None else None
+        expected = reference_grads(ref, batches, kw)
+        single = reference_grads(low, batches, kw, autocast) if low is not None else None
         report["steps"].append({"name": name, **compare(full_grads(), expected, single), **rank_stats(out, world)})
         if args.backend == "zero3":
             model.optimizer.zero_grad()
