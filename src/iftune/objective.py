@@ -365,25 +365,13 @@ def ift_loss(
             detached=options.intuition_embeddings == "detached",
         )
     # Step 4: the training pass.
-    if train_logprobs is None:
-        logp, aux_loss = trained_logprobs(
-            model,
-            targets,
-            mask,
-            attention_mask,
-            position_ids,
-            head_chunk_size=options.head_chunk_size,
-            inputs_embeds=x,
-            **kwargs,
-        )
-    else:
-        logp, aux_loss = train_logprobs(x, torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1))
-        logp = torch.where(mask, logp, torch.zeros_like(logp))
+    logp, aux_loss = training_pass(
+        model, x, labels, targets, mask, attention_mask, position_ids, options, train_logprobs, kwargs
+    )
     # Steps 5-6 (eq. 19-22).
     tf = torch.zeros_like(logp).masked_scatter(mask, tf_logp.to(logp.dtype))
-    out = reduce_loss(logp, tf, mask, position_ids, options, n_correct=(picked == targets[mask]).sum())
-    out.aux_loss = aux_loss
-    return out
+    n_correct = (picked == targets[mask]).sum()
+    return reduce_loss(logp, tf, mask, position_ids, options, n_correct=n_correct, aux_loss=aux_loss)
 
 
 def document_positions(
@@ -446,6 +434,37 @@ def intuition_pass(
             )
 
 
+def training_pass(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    options: IFTOptions,
+    train_logprobs: Callable | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 4: log p(target) on the mixed inputs, (B, T-1) with gradient, zero where `mask` is
+    False, and the model's MoE router aux loss of this pass (None for other models). iftune's
+    head at the trained positions, or `train_logprobs` (e.g. TRL's fused head) on the labels."""
+    if train_logprobs is None:
+        return trained_logprobs(
+            model,
+            targets,
+            mask,
+            attention_mask,
+            position_ids,
+            head_chunk_size=options.head_chunk_size,
+            inputs_embeds=inputs_embeds,
+            **(forward_kwargs or {}),
+        )
+    trained = torch.cat([labels[:, :1], torch.where(mask, targets, IGNORE_INDEX)], dim=1)
+    logp, aux_loss = train_logprobs(inputs_embeds, trained)
+    return torch.where(mask, logp, torch.zeros_like(logp)), aux_loss
+
+
 def reduce_loss(
     logp: torch.Tensor,
     tf_logp: torch.Tensor,
@@ -453,11 +472,12 @@ def reduce_loss(
     position_ids: torch.Tensor | None,
     options: IFTOptions,
     n_correct: torch.Tensor | None = None,
+    aux_loss: torch.Tensor | None = None,
 ) -> IFTOutput:
     """Steps 5-6: relation weights (eq. 19-22) and the loss, per document (rows of a padded batch,
     or the documents of packed rows): per sequence `sum_t(-logp * w) / n`, then the mean over
     sequences with a trained token. `logp` (with gradient) and `tf_logp` are (B, T-1), zero
-    where `mask` is False; `n_correct` is passed through to the output. Pure: no model, no head."""
+    where `mask` is False; `n_correct` and `aux_loss` are passed through. Pure: no model, no head."""
     with record_function("ift.relation_weights"):
         logp_d, mask_d, tf_d = per_document(mask, position_ids, logp, tf_logp)
         w = relation_weights(
@@ -478,6 +498,7 @@ def reduce_loss(
         n_sequences=n_seq,
         n_correct=torch.zeros((), dtype=torch.long, device=logp.device) if n_correct is None else n_correct,
         n_tokens=mask.sum(),
+        aux_loss=aux_loss,
     )
 
 
@@ -499,4 +520,5 @@ __all__ = [
     "mixed_inputs",
     "reduce_loss",
     "relation_weights",
+    "training_pass",
 ]
