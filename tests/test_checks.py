@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from iftune.callbacks import all_finite, finite_norm
-from iftune.checks import check_weight_files, safetensors_problem
+from iftune.checks import check_against_model, check_weight_files, safetensors_problem
 from iftune.errors import UserError
 
 
@@ -143,3 +143,17 @@ def test_lm_head_vocab_size_is_read_or_refused():
     hidden, targets = torch.randn(2, 5, 8), torch.randint(0, 37, (2, 5))
     expected = torch.log_softmax(hidden @ odd.source[0].T, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(token_logprobs(hidden, odd, targets, chunk_size=3), expected)
+
+
+def test_router_aux_loss_coef_needs_a_mixture_of_experts_model():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    args = SimpleNamespace(router_aux_loss_coef=0.01, max_length=None)
+    with pytest.raises(
+        UserError, match=r"--router_aux_loss_coef 0.01: the model \(llama\) is not a mixture-of-experts"
+    ):
+        check_against_model(LlamaConfig(), args)
+    check_against_model(Qwen3MoeConfig(), args)  # a MoE model takes it
+    check_against_model(LlamaConfig(), SimpleNamespace(router_aux_loss_coef=None, max_length=None))  # unset: fine

@@ -158,13 +158,20 @@ def max_positions(config) -> int | None:
 
 
 def check_against_model(config, args) -> None:
-    """`--intuition_k` against the vocabulary; a warning when `--max_length` exceeds the model's
-    positions (some models extrapolate, so it is not refused)."""
+    """`--intuition_k` against the vocabulary, `--router_aux_loss_coef` against a model without
+    experts (TRL would raise a ValueError later); a warning when `--max_length` exceeds the
+    model's positions (some models extrapolate, so it is not refused)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
     k = getattr(args, "intuition_k", None)
     if k is not None and vocab and getattr(args, "intuition", None) == "rank" and k > vocab:
         raise UserError(f"--intuition_k {k}: larger than the model's vocabulary ({vocab} tokens)")
+    coef = getattr(args, "router_aux_loss_coef", None)
+    if coef and not hasattr(text, "output_router_logits"):
+        raise UserError(
+            f"--router_aux_loss_coef {coef}: the model ({getattr(text, 'model_type', '?')}) is not a "
+            f"mixture-of-experts model with a router loss; leave the option unset"
+        )
     limit, length = max_positions(config), getattr(args, "max_length", None)
     if limit and length and length > limit:
         logger.warning(
