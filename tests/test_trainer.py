@@ -144,9 +144,12 @@ def test_head_paths_change_cost_not_the_loss_or_gradient(tmp_path, head):
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
 
 
-def test_logs_ift_metrics_with_trl_lines(tmp_path):
+def test_logs_ift_metrics_with_trl_lines(tmp_path, caplog):
     trainer = make_trainer(tmp_path, max_steps=2, per_device_train_batch_size=4)
-    trainer.train()
+    with caplog.at_level("INFO", logger="iftune"):
+        trainer.train()
+    # The first line says what the logged losses are.
+    assert any(r.getMessage().startswith("IFT logs: loss = the objective") for r in caplog.records)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for key in (
