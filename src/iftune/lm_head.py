@@ -44,17 +44,22 @@ LOGIT_SCALES: dict[str, tuple[str, int]] = {
     "muse_glimmer_text": ("output_multiplier", 1),
     "muse_spark_text": ("output_multiplier", 1),
 }
+# Vision-language models whose forward caps nothing although their text config has a
+# `final_logit_softcapping` (Gemma3ForConditionalGeneration; Gemma3ForCausalLM caps).
+UNCAPPED = frozenset({"gemma3"})
 
 
 def logit_transform(config: object) -> tuple[float, float | None]:
     """(scale, softcap) that a model applies to its LM head's output, from its (text) config:
-    the scale of `LOGIT_SCALES` for its model_type, then Gemma-style `final_logit_softcapping`."""
+    the scale of `LOGIT_SCALES` for its model_type, then Gemma-style `final_logit_softcapping`
+    (none for the models in `UNCAPPED`)."""
+    outer = getattr(config, "model_type", "")
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     scale = 1.0
     if (entry := LOGIT_SCALES.get(getattr(config, "model_type", ""))) is not None:
         name, power = entry
         scale = float(getattr(config, name)) ** power
-    return scale, getattr(config, "final_logit_softcapping", None)
+    return scale, (None if outer in UNCAPPED else getattr(config, "final_logit_softcapping", None))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
