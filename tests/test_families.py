@@ -11,12 +11,13 @@ attend across documents, and a head transform iftune does not know, are refused 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import build_tokenizer, conversations, run_offline, write_jsonl
+from conftest import build_tokenizer, run_offline
 from iftune import cli
 from iftune.errors import UserError
 from iftune.families import check_batch, check_head_matches, check_packed_documents
@@ -24,7 +25,7 @@ from iftune.lm_head import logit_transform
 from iftune.objective import ift_loss
 
 VOCAB = 64
-FIRST_WORD = 7  # ids below are special tokens (the vision models' image markers among them)
+FIRST_WORD = 7  # ids below are the special tokens of `iftune.tiny.SPECIALS`
 # Tiny shapes every family takes (names per transformers' common config attributes); larger
 # than default init so that logits are far from 0 and a wrong head scale shows in the loss.
 BASE = dict(
@@ -88,10 +89,13 @@ def tiny(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def tiny_vlm(model_type: str, vocab_size: int = VOCAB, seed: int = 0) -> torch.nn.Module:
-    """A vision-language model of `model_type` (one of `VLMS`) with a tiny vision tower."""
+    """A vision-language model of `model_type` (one of `VLMS`) with a tiny vision tower; its
+    image and video markers are 4 ids after `vocab_size`, which text never has."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    text = {k: v for k, v in BASE.items() if k != "tie_word_embeddings"} | {"vocab_size": vocab_size}
+    text = {k: v for k, v in BASE.items() if k != "tie_word_embeddings"} | {"vocab_size": vocab_size + 4}
+    names = ("image_token_id", "video_token_id", "boi_token_id", "eoi_token_id")
+    marks = dict(zip(names, range(vocab_size, vocab_size + 4)))
     text["num_hidden_layers"] = 1
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
     if model_type == "qwen2_vl":
@@ -100,17 +104,17 @@ def tiny_vlm(model_type: str, vocab_size: int = VOCAB, seed: int = 0) -> torch.n
             "qwen2_vl",
             text_config={**text, "rope_parameters": rope},
             vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2),
-            image_token_id=3,
-            video_token_id=4,
-            vision_start_token_id=5,
-            vision_end_token_id=6,
+            image_token_id=marks["image_token_id"],
+            video_token_id=marks["video_token_id"],
+            vision_start_token_id=marks["boi_token_id"],
+            vision_end_token_id=marks["eoi_token_id"],
         )
     elif model_type == "llava":
         config = AutoConfig.for_model(
             "llava",
             text_config={"model_type": "llama", **text},
             vision_config={"model_type": "clip_vision_model", **vision, "patch_size": 14, "projection_dim": 16},
-            image_token_id=3,
+            image_token_id=marks["image_token_id"],
         )
     else:
         config = AutoConfig.for_model(
@@ -118,9 +122,9 @@ def tiny_vlm(model_type: str, vocab_size: int = VOCAB, seed: int = 0) -> torch.n
             text_config={"model_type": "gemma3_text", **text, "head_dim": 8, "final_logit_softcapping": 2.0},
             vision_config={"model_type": "siglip_vision_model", **vision, "patch_size": 14},
             mm_tokens_per_image=4,
-            image_token_id=3,
-            boi_token_id=5,
-            eoi_token_id=6,
+            image_token_id=marks["image_token_id"],
+            boi_token_id=marks["boi_token_id"],
+            eoi_token_id=marks["eoi_token_id"],
         )
     torch.manual_seed(seed)
     return AutoModelForImageTextToText.from_config(config).to(torch.float32)
@@ -292,3 +296,45 @@ def test_lora_with_peft_default_targets_trains(model_type):
         optimizer.zero_grad()
     moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert moved == set(before), sorted(set(before) - moved)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def command_args(model_dir, data, out, steps: int = 2, **extra) -> list[str]:
+    args = dict(model_name_or_path=model_dir, dataset_name=data, output_dir=out, max_steps=steps,
+                per_device_train_batch_size=2, use_cpu="true", report_to="none", save_strategy="no",
+                disable_tqdm="true", logging_steps=1, **extra)  # fmt: skip
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def trained_losses(out) -> list[float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_ift_command_trains_a_vision_language_checkpoint_on_text(tmp_path, chat_file):
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer, model_dir = build_tokenizer(), tmp_path / "qwen2-vl"
+    tiny_vlm("qwen2_vl", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert cli.main(["ift", *command_args(model_dir, chat_file, tmp_path / "out")]) == 0
+    losses = trained_losses(tmp_path / "out")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    before = AutoModelForImageTextToText.from_pretrained(model_dir)
+    changed = [n for n, p in saved.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert any("language_model" in n for n in changed) and not any("visual" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(tiny_model_dir, chat_file, tmp_path):
+    """`--torch_compile true` on the CPU: 4 steps of `iftune ift` (about a minute of compiling)."""
+    out = tmp_path / "compiled"
+    args = command_args(tiny_model_dir, chat_file, out, steps=4, torch_compile="true", bf16="false")
+    start = time.perf_counter()
+    run_offline([sys.executable, "-m", "iftune.cli", "ift", *args])
+    losses = trained_losses(out)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))), losses
+    print(f"torch_compile run: {time.perf_counter() - start:.0f} s")
