@@ -20,7 +20,7 @@ import torch
 from conftest import build_tokenizer, run_offline
 from iftune import cli
 from iftune.errors import UserError
-from iftune.families import check_batch, check_head_matches, check_packed_documents
+from iftune.families import check_batch, check_head_matches, check_lora_targets, check_packed_documents
 from iftune.lm_head import logit_transform
 from iftune.objective import ift_loss
 
@@ -66,10 +66,18 @@ FAMILIES: dict[str, dict] = {
         "output_router_logits": False,
         "router_aux_loss_coef": 0.0,
     },
+    "mixtral": {
+        "head_dim": 8,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.0,
+    },
 }
 # PEFT 0.21 has no default LoRA targets for these (its error: "Please specify `target_modules`"),
-# or finds none on transformers 5's fused experts (qwen3_moe): they take --lora_target_modules.
-NO_PEFT_DEFAULTS = {"phi3", "granite", "hyperclovax", "cohere", "olmo2", "qwen3_moe"}
+# or ends with none on transformers 5's MoE models (mixtral: its default q_proj/v_proj are lost
+# in PEFT's weight-conversion step): they take --lora_target_modules.
+NO_PEFT_DEFAULTS = {"phi3", "granite", "hyperclovax", "cohere", "olmo2", "qwen3_moe", "mixtral"}
 # Vision-language checkpoints, trained on text through their language model.
 VLMS = ("qwen2_vl", "llava", "gemma3")
 # Families that build their attention mask from `position_ids` neither with sdpa nor eager.
@@ -278,13 +286,18 @@ def test_packed_rows_are_refused_where_the_model_attends_across_documents(model_
 def test_lora_with_peft_default_targets_trains(model_type):
     from peft import LoraConfig, get_peft_model
 
+    model = tiny(model_type)
+    model.config.architectures = [type(model).__name__]  # as a saved checkpoint has it
     if model_type in NO_PEFT_DEFAULTS:
-        with pytest.raises(ValueError, match="target"):
-            get_peft_model(tiny(model_type), LoraConfig(task_type="CAUSAL_LM"))
+        with pytest.raises(UserError, match=f"'{model_type}'.*--lora_target_modules") as err:
+            check_lora_targets(model.config, LoraConfig(task_type="CAUSAL_LM"))
+        assert "\n" not in str(err.value)
         config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear")
     else:
         config = LoraConfig(task_type="CAUSAL_LM", r=4)
-    model = get_peft_model(tiny(model_type), config)
+    check_lora_targets(model.config, config)
+    assert config.target_modules is None or config.target_modules == "all-linear"  # left as given
+    model = get_peft_model(model, config)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n for n in before)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

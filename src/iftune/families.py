@@ -14,6 +14,7 @@ alone, and stops if they differ. `check_batch` runs both, as a trainer does on i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -143,6 +144,28 @@ def check_packed_documents(model: nn.Module, input_ids: torch.Tensor, position_i
     return diff
 
 
+def check_lora_targets(config: object, peft_config: object) -> None:
+    """Raise `UserError` naming the family and `--lora_target_modules` if PEFT finds no module to
+    adapt with `peft_config` in a model of `config` (PEFT knows no default targets for Phi-3,
+    Granite, Cohere, OLMo 2, ...). The model is built on the meta device: no memory, no weights."""
+    import transformers
+    from peft import get_peft_model
+
+    architecture = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    if architecture is None:  # remote code: PEFT's own error, when the trainer builds the adapter
+        return
+    with torch.device("meta"):
+        model = architecture(config)
+    try:
+        get_peft_model(model, copy.deepcopy(peft_config))  # it fills in the targets it chose
+    except ValueError as err:
+        raise UserError(
+            f"--use_peft: PEFT found no layer to adapt in model family '{getattr(config, 'model_type', '?')}' "
+            f"({str(err).splitlines()[0]}); name them with --lora_target_modules (e.g. all-linear, or "
+            f"q_proj v_proj)"
+        ) from None
+
+
 def check_batch(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
     """Both checks on a collated batch (`input_ids`, `labels`, optional `attention_mask` and
     `position_ids`): the head always, packed documents when the rows are packed."""
@@ -152,4 +175,11 @@ def check_batch(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
         check_packed_documents(model, inputs["input_ids"], position_ids)
 
 
-__all__ = ["check_batch", "check_head_matches", "check_packed_documents", "family", "head_tolerance"]
+__all__ = [
+    "check_batch",
+    "check_head_matches",
+    "check_lora_targets",
+    "check_packed_documents",
+    "family",
+    "head_tolerance",
+]
