@@ -20,7 +20,7 @@ import torch
 from conftest import build_tokenizer, run_offline
 from iftune import cli
 from iftune.errors import UserError
-from iftune.families import check_batch, check_head_matches, check_lora_targets, check_packed_documents
+from iftune.families import check_batch, check_head_matches, check_lora_targets, check_packed_documents, uncompiled
 from iftune.lm_head import logit_transform
 from iftune.objective import ift_loss
 
@@ -226,6 +226,12 @@ def test_a_head_transform_that_differs_from_the_models_is_refused(monkeypatch, m
     message = str(err.value)
     assert "\n" not in message and f"'{model_type}'" in message and "LOGIT_SCALES" in message, message
     assert model.training, "the check leaves the model's mode as it was"
+
+
+def test_checks_run_the_model_under_torch_compile_uncompiled():
+    model = tiny("llama")
+    assert uncompiled(torch.compile(model)) is model  # the checks' one-row calls compile nothing
+    check_batch(torch.compile(model), dict(zip(("input_ids", "labels"), batch())))
 
 
 def test_head_check_is_dtype_aware_under_bf16():

@@ -38,6 +38,12 @@ def family(model: nn.Module) -> str:
     return str(getattr(text, "model_type", None) or getattr(config, "model_type", type(model).__name__))
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module under `torch.compile`'s wrapper: the checks' one-row calls would each compile
+    new graphs (other shapes, eval mode) for nothing."""
+    return getattr(model, "_orig_mod", model)
+
+
 def head_tolerance(*dtypes: torch.dtype) -> float:
     """Largest log-prob difference, relative to (1 + largest |logit|), that rounding explains
     when logits are computed in the least precise of `dtypes` (a few units of its epsilon;
@@ -63,6 +69,7 @@ def check_head_matches(
     positions spread along it, two forwards of that row without grad, in eval mode (no dropout).
     Every caller makes the same calls of the model whatever its data (sharded wrappers need it).
     """
+    model = uncompiled(model)
     base = unwrap_model(model)
     if position_ids is not None:
         position_ids = position_ids.expand_as(input_ids)
@@ -81,15 +88,15 @@ def check_head_matches(
     kwargs = dict(input_ids=ids, attention_mask=am, use_cache=False)
     if pos is not None:
         kwargs["position_ids"] = pos
+    first = int(picked[0]) if len(picked) else end - 1
     if accepts(base, "logits_to_keep"):
-        kwargs["logits_to_keep"] = picked  # the model's head at these positions only
+        kwargs["logits_to_keep"] = end - first  # the model's head from the first position picked on
     with torch.no_grad(), intuition_mode(model):
         ours = trained_logprobs(model, targets, keep, am, pos, input_ids=ids)[keep]
         logits = model(**kwargs).logits[0]
-    if "logits_to_keep" not in kwargs:
-        logits = logits[picked]
     if not len(picked):
         return 0.0
+    logits = logits[picked - (end - len(logits))]
     theirs = torch.log_softmax(logits.to(ours.dtype), -1).gather(-1, targets[0, picked, None]).squeeze(-1)
     diff = float((ours - theirs).abs().max())
     dtypes = [logits.dtype, base.get_output_embeddings().weight.dtype]
@@ -116,6 +123,7 @@ def check_packed_documents(model: nn.Module, input_ids: torch.Tensor, position_i
     mode. Without a packed row it still makes its two (tiny) forwards, so that every caller
     makes the same calls of the model whatever its data.
     """
+    model = uncompiled(model)
     position_ids = position_ids.expand_as(input_ids)
     starts = (position_ids[:, 1:] == 0).nonzero()
     if len(starts):
@@ -182,4 +190,5 @@ __all__ = [
     "check_packed_documents",
     "family",
     "head_tolerance",
+    "uncompiled",
 ]
