@@ -24,15 +24,42 @@ def chunk_positions(vocab_size: int, chunk_elements: int = _CHUNK_ELEMENTS) -> i
     return max(1, chunk_elements // max(1, vocab_size))
 
 
+# How each family rescales its LM head's output, as its forward in transformers does it:
+# model_type -> (config field, power), the logits times `field ** power`. HyperCLOVA X multiplies
+# by `logits_scaling` where Granite divides; MiniCPM3 divides the hidden states, the same through
+# a linear head. A family missing here gets no scale, which `families.check_head_matches` catches.
+LOGIT_SCALES: dict[str, tuple[str, int]] = {
+    "cohere": ("logit_scale", 1),
+    "cohere2": ("logit_scale", 1),
+    "cohere2_moe": ("logit_scale", 1),
+    "falcon_h1": ("lm_head_multiplier", 1),
+    "granite": ("logits_scaling", -1),
+    "granite_swa": ("logits_scaling", -1),
+    "granitemoe": ("logits_scaling", -1),
+    "granitemoe_swa": ("logits_scaling", -1),
+    "granitemoehybrid": ("logits_scaling", -1),
+    "granitemoeshared": ("logits_scaling", -1),
+    "hyperclovax": ("logits_scaling", 1),
+    "minicpm3": ("logits_scaling", -1),
+    "muse_glimmer_text": ("output_multiplier", 1),
+    "muse_spark_text": ("output_multiplier", 1),
+}
+# Vision-language models whose forward caps nothing although their text config has a
+# `final_logit_softcapping` (Gemma3ForConditionalGeneration; Gemma3ForCausalLM caps).
+UNCAPPED = frozenset({"gemma3"})
+
+
 def logit_transform(config: object) -> tuple[float, float | None]:
-    """(scale, softcap) that a model applies to its LM head's output, read from its config."""
+    """(scale, softcap) that a model applies to its LM head's output, from its (text) config:
+    the scale of `LOGIT_SCALES` for its model_type, then Gemma-style `final_logit_softcapping`
+    (none for the models in `UNCAPPED`)."""
+    outer = getattr(config, "model_type", "")
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = None
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        scale = scale if scale is not None else getattr(config, name, None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = 1.0 / config.logits_scaling
-    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+    scale = 1.0
+    if (entry := LOGIT_SCALES.get(getattr(config, "model_type", ""))) is not None:
+        name, power = entry
+        scale = float(getattr(config, name)) ** power
+    return scale, (None if outer in UNCAPPED else getattr(config, "final_logit_softcapping", None))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

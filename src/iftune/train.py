@@ -215,7 +215,10 @@ def apply_chat_template_path(tokenizer, path: str | None) -> None:
 
 def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -> None:
     """Conversational data needs a chat template, and assistant-only loss needs its
-    `{% generation %}` markers (TRL takes the assistant mask from them)."""
+    `{% generation %}` markers (TRL takes the assistant mask from them). A template without
+    them passes where TRL has a training version of it, which SFTTrainer then swaps in."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
     template = tokenizer.chat_template
     if not template:
         raise UserError(
@@ -223,12 +226,17 @@ def check_chat_template(tokenizer, model_name: str, assistant_only_loss: bool) -
             f"needs; give one with --chat_template_path FILE.jinja (iftune ships one: "
             f"`iftune recipes chat_templates/zephyr.jinja`)"
         )
-    if assistant_only_loss and "generation" not in str(template):
+    if not assistant_only_loss or has_generation_markers(template):
+        return
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:  # TRL knows no training version of this template
         raise UserError(
             f"model '{model_name}': its chat template has no {{% generation %}} markers, which "
-            f"--assistant_only_loss needs; give a template with them (--chat_template_path, e.g. "
-            f"`iftune recipes chat_templates/zephyr.jinja`) or set --assistant_only_loss false"
-        )
+            f"--assistant_only_loss needs, and TRL has no training version of it; give the same template "
+            f"with {{% generation %}}...{{% endgeneration %}} around each assistant reply "
+            f"(--chat_template_path FILE.jinja) or set --assistant_only_loss false"
+        ) from None
 
 
 def warn_pure_bf16(model_args, training_args) -> None:
