@@ -23,7 +23,7 @@ from torch import nn
 from iftune.errors import UserError
 from iftune.modeling import (
     accepts,
-    hidden_states,
+    forward_hidden,
     intuition_mode,
     trained_logprobs,
     trained_targets,
@@ -92,7 +92,7 @@ def check_head_matches(
     if accepts(base, "logits_to_keep"):
         kwargs["logits_to_keep"] = end - first  # the model's head from the first position picked on
     with torch.no_grad(), intuition_mode(model):
-        ours = trained_logprobs(model, targets, keep, am, pos, input_ids=ids)[keep]
+        ours = trained_logprobs(model, targets, keep, am, pos, input_ids=ids)[0][keep]
         logits = model(**kwargs).logits[0]
     if not len(picked):
         return 0.0
@@ -134,8 +134,8 @@ def check_packed_documents(model: nn.Module, input_ids: torch.Tensor, position_i
         b, s, end = 0, 0, min(2, input_ids.shape[1])
     row, pos = input_ids[b : b + 1, :end], position_ids[b : b + 1, :end]
     with torch.no_grad(), intuition_mode(model):
-        packed = hidden_states(model, None, pos, input_ids=row)[:, s:]
-        alone = hidden_states(model, None, pos[:, s:] - pos[:, s:][:, :1], input_ids=row[:, s:])
+        packed = forward_hidden(model, None, pos, input_ids=row)[0][:, s:]
+        alone = forward_hidden(model, None, pos[:, s:] - pos[:, s:][:, :1], input_ids=row[:, s:])[0]
     diff = float((packed.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-30))
     dtypes = [packed.dtype]
     if torch.is_autocast_enabled(packed.device.type):

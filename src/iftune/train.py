@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from iftune.arguments import check_config, describe
-from iftune.checks import check_run
+from iftune.checks import check_run, model_config
 from iftune.errors import UserError, usage_error
 
 logger = logging.getLogger("iftune")
@@ -269,6 +269,7 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     from trl import get_peft_config
 
     from iftune.data import load_training_data
+    from iftune.families import check_lora_targets
     from iftune.trainer import resolve_assistant_only_loss
 
     if not data_args.dataset_name:
@@ -307,6 +308,12 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
             check_chat_template(tokenizer, model_args.model_name_or_path, training_args.assistant_only_loss)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     warn_pure_bf16(model_args, training_args)
+    peft_config = get_peft_config(model_args)
+    config = model_config(
+        model_args.model_name_or_path, model_args.model_revision, getattr(training_args, "trust_remote_code", False)
+    )
+    if peft_config is not None and config is not None:
+        check_lora_targets(config, peft_config)  # PEFT knows no default targets for some families
     _, trainer_cls = trainer_classes(method)
     trainer = trainer_cls(
         model=model_args.model_name_or_path,
@@ -314,7 +321,7 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
     )
     report_dropped(trainer, len(dataset), method, training_args)
     return trainer

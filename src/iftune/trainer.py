@@ -19,6 +19,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
 from iftune.errors import UserError, check_choice, check_unit
+from iftune.families import check_batch
 from iftune.modeling import FORWARD_KEYS, sequence_count
 from iftune.objective import OPTION_NAMES, IFTOptions, ift_loss
 
@@ -225,6 +226,7 @@ class IFTTrainer(SFTTrainer):
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's sequence count
         self._check_parallelism()
         self.ift_options = args.ift_options()
+        self._batch_checked = False  # the head (and packed rows) against the model's own forward, once
         # Sums and counts of the IFT metrics over every micro-batch and process since the last log.
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._micro_step = (-1, 0)
@@ -278,6 +280,9 @@ class IFTTrainer(SFTTrainer):
         # The forward runs under accelerate's autocast (it wraps model.forward); the embedding
         # lookups and head calls made outside it run under the same autocast here.
         with self.accelerator.autocast():
+            if mode == "train" and not self._batch_checked:
+                check_batch(model, inputs)  # every rank, its first micro-batch: the same calls
+                self._batch_checked = True
             out = ift_loss(
                 model,
                 inputs["input_ids"],
