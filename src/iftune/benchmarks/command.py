@@ -41,14 +41,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [
             f"{s['seq']} tokens (prompt {s['prompt']}), {result['timed_steps']} timed steps, interleaved",
             f"{'method':<12} {'s/step':>8} {'CPU s/step':>10} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} "
-            f"{'later MiB':>10} {'process MiB':>12}",
+            f"{'later MiB':>10} {'activ. MiB':>10} {'process MiB':>12}",
         ]
     for m, row in result["methods"].items():
         lines.append(
             f"{m:<12} {row['step_s']:>8.3f} {row['step_cpu_s']:>10.3f} {row['example_s']:>10.4f} "
             f"{row['tokens_per_s']:>9.0f} "
             f"{row['step_peak_mb']:>14.0f} {_cell(row.get('later_step_peak_mb'), '.0f'):>10} "
-            f"{row['process_peak_mb']:>12.0f}"
+            f"{_cell(row.get('activation_mb'), '.0f'):>10} {row['process_peak_mb']:>12.0f}"
         )
     if result["ratios"]:
         lines += ["", f"{'ratio':<32} {'value':>7}  target"]

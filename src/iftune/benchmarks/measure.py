@@ -236,21 +236,29 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
     gradients, optimizer state, activations and logits. `later_step_peak_mb` (2 steps or more):
     the peak of the later steps above what was held as the second began (the weights and the
     optimizer state): what a step's activations, logits and gradients cost once training runs.
+    `activation_mb` (2 steps or more): that peak minus the static floor, i.e. minus the
+    gradients (`grad_mb`, their bytes at the optimizer step; those already held as the second
+    step began are in the base): what activations and logits cost. `static_mb`: the floor
+    above the built trainer, optimizer state and gradients, measured in the same run.
     """
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda if opt.cuda else None
-    clock, times, marks = Clock(cuda), [], {}
+    clock, times, marks = Clock(cuda), [], {"grads": 0}
 
     class Steps(TrainerCallback):
         mark = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 1:
                 marks["first"], marks["second_base"] = read_peak(cuda), reset_peak(cuda)
+                marks["held_grads"] = grad_bytes(model)
             clock.sync()
             self.mark = clock.start()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            marks["grads"] = max(marks["grads"], grad_bytes(model))
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(clock.seconds_since(self.mark))
@@ -268,9 +276,30 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
         "step_peak_mb": (peak - base) / 2**20,
         "step_times_s": [round(t, 5) for t in times],
     }
+    result["grad_mb"] = marks["grads"] / 2**20
     if "second_base" in marks:
         result["later_step_peak_mb"] = (last - marks["second_base"]) / 2**20
+        result.update(floor_split(base, marks["second_base"], last, marks["grads"], marks["held_grads"]))
     return result
+
+
+def grad_bytes(model: Any) -> int:
+    """Bytes of the gradients `model`'s parameters hold now (0 without a model)."""
+    if model is None:
+        return 0
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def floor_split(base: int, second_base: int, later_peak: int, grads: int, held_grads: int) -> dict[str, float]:
+    """The static floor above the built trainer (`base`: weights, data) and the activation
+    memory above it, in MiB: the floor is what the second step began with (weights, optimizer
+    state, gradients not freed) plus the gradients it had yet to allocate; activations are the
+    later steps' peak above that floor."""
+    unheld = max(0, grads - held_grads)
+    return {
+        "static_mb": (second_base - base + unheld) / 2**20,
+        "activation_mb": (later_peak - second_base - unheld) / 2**20,
+    }
 
 
 def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> None:
@@ -338,6 +367,8 @@ def memory_per_process(
 __all__ = [
     "Clock",
     "Relay",
+    "floor_split",
+    "grad_bytes",
     "measure_memory",
     "memory_per_process",
     "peak_during",
