@@ -375,3 +375,23 @@ def test_numbered_tokenizer_is_one_token_per_word():
     assert tok.convert_ids_to_tokens([0, 2]) == [SPECIALS[0], SPECIALS[2]] == [tok.pad_token, tok.eos_token]
     with pytest.raises(ValueError, match="vocab_size"):
         numbered_tokenizer(len(SPECIALS))
+
+
+# --------------------------------------------------------------------------- the overheads' micro-benchmark
+
+
+def test_overheads_at_tiny_sizes(capsys):
+    from iftune.benchmarks import overheads
+    from iftune.benchmarks.setup import PRESETS
+
+    sizes = PRESETS["tiny"]
+    r = overheads.bench_lookups(sizes, 1, torch.device("cpu"))
+    # One lookup of the concatenated ids: the same gradient up to the order of the float sums.
+    assert 0 <= r["max_grad_diff"] < 1e-5 and r["one_lookup_s"] > 0 and r["two_lookups_s"] > 0
+    table = torch.nn.Embedding(sizes.vocab, sizes.hidden)
+    ids, intuitive = overheads.batch_ids(sizes, torch.device("cpu"))
+    one, two = (f(table, ids, intuitive, 0.3) for f in (overheads.one_lookup, overheads.two_lookups))
+    assert torch.equal(one, two)  # the forward is the same bit for bit
+    assert overheads.main(["--preset", "tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "one / two" in out and "guard / clip" in out and "full logits over" in out
