@@ -395,3 +395,90 @@ def test_overheads_at_tiny_sizes(capsys):
     assert overheads.main(["--preset", "tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "one / two" in out and "guard / clip" in out and "full logits over" in out
+
+
+# --------------------------------------------------------------------------- the GPU check, on a stand-in
+
+
+class _FakeDevice(_FakeCuda):
+    """`_FakeCuda` plus what the GPU check reads of the device."""
+
+    def get_device_name(self, index: int = 0) -> str:
+        return "Fake GPU"
+
+    def get_device_capability(self, index: int = 0) -> tuple[int, int]:
+        return (9, 0)
+
+    def get_device_properties(self, index: int = 0):
+        return SimpleNamespace(total_memory=80 * 2**30)
+
+    def device_count(self) -> int:
+        return 1
+
+    def empty_cache(self) -> None:
+        pass
+
+
+def test_gpu_check_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(UserError, match="--gpu-check: no CUDA device"):
+        main(["--gpu-check"])
+
+
+def test_gpu_check_on_a_stand_in_device(tmp_path):
+    """The CUDA branch on a CPU: the clock and the allocator are `_FakeDevice`'s, the trainers
+    run on the CPU with bf16 ON. The flash-attention group fails here (no flash_attn) and is
+    recorded, and the groups after it are still written."""
+    from iftune.benchmarks.gpu_check import format_gpu_check, plan, run_gpu_check
+
+    assert [(r["shape"], r["group"]) for r in plan()] == [
+        ("qwen2.5-0.5b", "methods"),
+        ("qwen2.5-0.5b", "heads"),
+        ("llama-3.2-1b", "methods"),
+        ("llama-3.2-1b", "heads"),
+    ]
+    cuda, path, lines = _FakeDevice(), tmp_path / "gpu.json", []
+    kw = dict(shapes=("tiny",), on_cuda=False, log=lines.append)
+    result = run_gpu_check(cuda, str(path), flash=True, warmup=0, steps=2, batch=2, **kw)
+    assert lines[0].startswith("gpu-check: Fake GPU (compute 9.0, 80.0 GiB")
+    assert "torch " in lines[1] and "trl " in lines[1]
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    methods, heads, flash = result["groups"]
+    assert methods["label"] == "tiny shape, 2 of 2 layers" and methods["batch"] == 2  # full depth
+    assert set(methods["per_method"]) == {"trl_sft", "sft", "ift"}
+    assert set(heads["per_method"]) == {"ift", "ift_trl_head"}
+    for row in (*methods["per_method"].values(), *heads["per_method"].values()):
+        assert row["step_times_s"] == [0.25, 0.25]  # the fake device's events, not the host clock
+        assert row["tokens_per_step"] == 2 * 48 and row["tokens_per_s"] == 2 * 48 / 0.25
+        # Nothing is allocated on the fake device: peak and activations are what it began with.
+        assert row["step_peak_mb"] == 100.0 and row["activation_mb"] <= 0
+    assert set(methods["ratios"]) >= {"ift_over_sft_time", "ift_over_trl_sft_time", "ift_over_sft_memory"}
+    assert heads["ratios"]["trl_head_over_iftune_head_time"] == 1.0
+    assert flash["attention"] == "flash_attention_2" and flash["padding_free"] and "error" in flash
+    table = format_gpu_check(result)
+    assert "ift_trl_head" in table and "flash_attention_2 padding-free" in table
+    # No group starts once the time budget is spent; each is still listed.
+    spent = run_gpu_check(cuda, str(path), flash=False, budget_s=-1, **kw)
+    assert [g["skipped"] for g in spent["groups"]] == ["time budget of -1 s spent"] * 2
+
+
+def test_relay_records_each_steps_cuda_peak():
+    cuda = _FakeDevice()
+
+    class Allocating(_FakeTrainer):
+        def train(self) -> None:
+            state = SimpleNamespace(global_step=0)
+            for _ in range(self.steps):
+                for cb in self.callbacks:
+                    cb.on_step_begin(None, state, None)
+                cuda.alloc(300 * 2**20)  # activations
+                cuda.alloc(-300 * 2**20)
+                state.global_step += 1
+                for cb in self.callbacks:
+                    cb.on_step_end(None, state, None)
+
+    memory: dict = {}
+    time_interleaved({"a": Allocating("a", 3, [])}, warmup=1, clock=Clock(cuda), memory=memory)
+    assert [p["activation_mb"] for p in memory["a"]] == [300.0, 300.0]
+    assert [p["process_peak_mb"] for p in memory["a"]] == [400.0, 400.0]

@@ -135,6 +135,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", action="store_true", help="also time each phase of an IFT and an SFT step")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
+    p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="on one CUDA device, in minutes: the qwen2.5-0.5b and llama-3.2-1b shapes at full depth, bf16, "
+        "IFT against same-path SFT, TRL's SFTTrainer and TRL's LM head (JSON: --json, default gpu-check.json); "
+        "--batch (default 4), --warmup (2), --steps (5) apply",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw the sweep (time and memory against length) to FILE (PNG)")
     p.add_argument(
@@ -203,9 +210,43 @@ def _outputs(ns: argparse.Namespace) -> list[str]:
     return files
 
 
+def gpu_check(ns: argparse.Namespace) -> int:
+    """`--gpu-check`: one line without a CUDA device; else the check's table, 1 if a group failed."""
+    import torch
+
+    from iftune.benchmarks.gpu_check import format_gpu_check, run_gpu_check
+
+    if not torch.cuda.is_available():
+        raise UserError("--gpu-check: no CUDA device is available (it measures on one GPU)")
+    for name in ("steps", "batch"):
+        if getattr(ns, name) is not None and getattr(ns, name) < 1:
+            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
+    path = ns.json or os.path.join(ns.output_dir or ".", "gpu-check.json")
+    if ns.output_dir:
+        os.makedirs(ns.output_dir, exist_ok=True)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--json: no such directory '{os.path.dirname(os.path.abspath(path))}'")
+    with warnings.catch_warnings():
+        silence_libraries()
+        result = run_gpu_check(
+            torch.cuda,
+            path,
+            warmup=2 if ns.warmup is None else max(0, ns.warmup),
+            steps=ns.steps or 5,
+            batch=ns.batch or 4,
+        )
+    print(format_gpu_check(result))
+    print(f"gpu-check: written to {path}")
+    return 1 if any("error" in g for g in result["groups"]) else 0
+
+
 def main(argv: list[str]) -> int:
     """Run `iftune bench` with `argv`; print the tables; returns the exit status."""
     ns = make_parser().parse_args(argv)
+    if ns.gpu_check:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return gpu_check(ns)
     sizes, opts = settings(ns)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -239,4 +280,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["PRESET_METHODS", "format_table", "main", "make_parser", "settings"]
+__all__ = ["PRESET_METHODS", "format_table", "gpu_check", "main", "make_parser", "settings"]

@@ -63,8 +63,12 @@ class Relay:
     of its training), so whatever it does between steps never overlaps another's timed step.
     """
 
-    def __init__(self, names: list[str], warmup: int, clock: Clock) -> None:
+    def __init__(self, names: list[str], warmup: int, clock: Clock, memory: bool = False) -> None:
         self.order = list(names)
+        # On CUDA, `memory`: each timed step's peak allocation (`reset_peak`/`read_peak` around
+        # the step, which runs alone), what it began with and its gradients, per method.
+        self.memory = memory and clock.cuda is not None
+        self.peaks: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         self.holder: str | None = self.order[0] if self.order else None
         self.cond = threading.Condition()
         self.warmup, self.clock = warmup, clock
@@ -107,9 +111,9 @@ class Relay:
         relay = self
 
         class _Timer(TrainerCallback):
-            held, mark, cpu = False, None, 0.0
+            held, mark, cpu, base, held_grads, grads = False, None, 0.0, 0, 0, 0
 
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
                 if not self.held:
                     relay.set_up[name].set()
                     with contextlib.suppress(threading.BrokenBarrierError):  # a failed one's set-up
@@ -117,23 +121,45 @@ class Relay:
                 relay.take(name, self.held)
                 self.held = True
                 relay.clock.sync()
+                if relay.memory:
+                    self.base, self.held_grads, self.grads = reset_peak(relay.clock.cuda), grad_bytes(model), 0
                 self.mark, self.cpu = relay.clock.start(), time.process_time()
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if relay.memory:
+                    self.grads = grad_bytes(model)
 
             def on_step_end(self, args, state, control, **kwargs):
                 seconds = relay.clock.seconds_since(self.mark)
                 if state.global_step > relay.warmup:
                     relay.times[name].append(seconds)
                     relay.cpu_times[name].append(time.process_time() - self.cpu)
+                    if relay.memory:
+                        peak = read_peak(relay.clock.cuda)
+                        unheld = max(0, self.grads - self.held_grads)
+                        relay.peaks[name].append(
+                            {
+                                "process_peak_mb": peak / 2**20,
+                                "later_step_peak_mb": (peak - self.base) / 2**20,
+                                "activation_mb": (peak - self.base - unheld) / 2**20,
+                                "grad_mb": self.grads / 2**20,
+                            }
+                        )
 
         return _Timer()
 
 
 def time_interleaved(
-    trainers: dict[str, Any], warmup: int, clock: Clock | None = None, cpu_times: dict | None = None
+    trainers: dict[str, Any],
+    warmup: int,
+    clock: Clock | None = None,
+    cpu_times: dict | None = None,
+    memory: dict | None = None,
 ) -> dict[str, list[float]]:
     """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step
-    (and, into `cpu_times` if given, the process's CPU seconds per timed step)."""
-    relay = Relay(list(trainers), warmup, clock or Clock())
+    (and, into `cpu_times` if given, the process's CPU seconds per timed step; into `memory`
+    if given and the clock is CUDA's, each timed step's peak allocation, `Relay.peaks`)."""
+    relay = Relay(list(trainers), warmup, clock or Clock(), memory is not None)
     errors: dict[str, BaseException] = {}
     # No thread exits (and tears down its OpenMP workers) while another one is being timed.
     finished = threading.Barrier(len(trainers))
@@ -169,6 +195,8 @@ def time_interleaved(
         raise RuntimeError(f"bench: the {name} trainer failed: {err!r}") from err
     if cpu_times is not None:
         cpu_times.update(relay.cpu_times)
+    if memory is not None and relay.memory:
+        memory.update(relay.peaks)
     return relay.times
 
 
@@ -264,7 +292,7 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
             times.append(clock.seconds_since(self.mark))
 
     with tempfile.TemporaryDirectory() as out:
-        model = make_model(sizes, opt.seed, sizes.seq, opt.precision)
+        model = make_model(sizes, opt.seed, sizes.seq, opt.precision, opt.attn)
         trainer = build_trainer(method, sizes, model, steps, opt, out)
         trainer.add_callback(Steps())
         base = reset_peak(cuda)
