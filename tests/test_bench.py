@@ -482,3 +482,36 @@ def test_relay_records_each_steps_cuda_peak():
     time_interleaved({"a": Allocating("a", 3, [])}, warmup=1, clock=Clock(cuda), memory=memory)
     assert [p["activation_mb"] for p in memory["a"]] == [300.0, 300.0]
     assert [p["process_peak_mb"] for p in memory["a"]] == [400.0, 400.0]
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def test_matrix_rows_table_and_a_failed_row(tmp_path, capsys, monkeypatch):
+    from iftune.benchmarks import matrix
+
+    assert [(r["preset"], r["batch"], r["precision"]) for r in matrix.plan(("qwen2.5-0.5b",), (1, 4), ("fp32",))] == [
+        ("qwen2.5-0.5b", 1, "fp32"),
+        ("qwen2.5-0.5b", 4, "fp32"),
+        ("qwen2.5-0.5b", 1, "fp32"),  # DPO and ORPO
+    ]
+    real = matrix.run_bench
+
+    def run_bench(sizes, opt, *args, methods, **kw):
+        if "dpo" in methods:
+            raise RuntimeError("no preference row in this test")
+        return real(sizes, opt, *args, methods=methods, **kw)
+
+    monkeypatch.setattr(matrix, "run_bench", run_bench)
+    out = tmp_path / "matrix.json"
+    argv = ["--matrix", "--preset", "tiny", "--batch", "2", "--precision", "bf16", "--steps", "2", "--warmup", "0"]
+    assert main([*argv, "--json", str(out)]) == 1  # the failed row
+    result = json.loads(out.read_text())
+    assert result["timed_steps"] == 2 and result["commit"]
+    first, failed = result["rows"]
+    assert (first["preset"], first["batch"], first["precision"]) == ("tiny", 2, "bf16")
+    assert first["methods"]["ift"]["step_times_s"] and len(first["methods"]["sft"]["step_times_s"]) == 2
+    assert first["ratios"]["ift_over_sft_time"] > 0 and "ift_over_sft_activation_memory" in first["ratios"]
+    assert failed["error"] == "RuntimeError: no preference row in this test"
+    printed = capsys.readouterr().out
+    assert "| tiny | 2 | bf16 |" in printed and "failed: RuntimeError" in printed

@@ -89,8 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="bf16: mixed precision (autocast); bf16-weights: bf16 weights too (default fp32)",
+        default=None,
+        help="bf16: mixed precision (autocast); bf16-weights: bf16 weights too (default fp32; --matrix: fp32 and bf16)",
     )
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps per method first (default 2; 1 quick or preset)"
@@ -135,6 +135,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", action="store_true", help="also time each phase of an IFT and an SFT step")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
+    p.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the docs' main table: qwen2.5-0.5b and llama-3.2-1b at batch 1 and 4 in fp32 and bf16 (IFT, same-path "
+        "SFT, full-logits IFT at qwen), then DPO and ORPO at qwen; --preset, --batch, --precision narrow it; "
+        "--steps (default 5), --warmup (1); JSON: --json or DIR/bench-matrix.json",
+    )
     p.add_argument(
         "--gpu-check",
         action="store_true",
@@ -240,13 +247,48 @@ def gpu_check(ns: argparse.Namespace) -> int:
     return 1 if any("error" in g for g in result["groups"]) else 0
 
 
+def matrix(ns: argparse.Namespace) -> int:
+    """`--matrix`: every row in one command; the Markdown table; 1 if a row failed."""
+    from iftune.benchmarks import matrix as mx
+
+    for name in ("steps", "batch"):
+        if getattr(ns, name) is not None and getattr(ns, name) < 1:
+            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
+    if ns.warmup is not None and ns.warmup < 0:
+        raise UserError(f"--warmup={ns.warmup} is not valid; expected an integer >= 0")
+    presets = (ns.preset,) if ns.preset else ("qwen2.5-0.5b", "llama-3.2-1b")
+    batches = (ns.batch,) if ns.batch else mx.BATCHES
+    precisions = (ns.precision,) if ns.precision else mx.PRECISIONS
+    path = ns.json or (os.path.join(ns.output_dir, "bench-matrix.json") if ns.output_dir else None)
+    if ns.output_dir:
+        os.makedirs(ns.output_dir, exist_ok=True)
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--json: no such directory '{os.path.dirname(os.path.abspath(path))}'")
+    with warnings.catch_warnings():
+        silence_libraries()
+        result = mx.run_matrix(
+            mx.plan(presets, batches, precisions),
+            path,
+            warmup=1 if ns.warmup is None else ns.warmup,
+            steps=ns.steps or 5,
+            seed=ns.seed,
+        )
+    print(mx.format_matrix(result))
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
 def main(argv: list[str]) -> int:
     """Run `iftune bench` with `argv`; print the tables; returns the exit status."""
     ns = make_parser().parse_args(argv)
-    if ns.gpu_check:
+    if ns.gpu_check or ns.matrix:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return gpu_check(ns)
+        if ns.threads is not None:
+            import torch
+
+            torch.set_num_threads(max(1, ns.threads))
+        return gpu_check(ns) if ns.gpu_check else matrix(ns)
+    ns.precision = ns.precision or "fp32"
     sizes, opts = settings(ns)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -280,4 +322,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["PRESET_METHODS", "format_table", "gpu_check", "main", "make_parser", "settings"]
+__all__ = ["PRESET_METHODS", "format_table", "gpu_check", "main", "make_parser", "matrix", "settings"]
