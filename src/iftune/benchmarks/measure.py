@@ -258,7 +258,8 @@ def peak_during(run, cuda: Any = None) -> dict[str, float]:
 
 def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, Any]:
     """Peak memory (MiB) of `steps` training steps of `method` in this process, and the seconds
-    of each step (`step_times_s`, not interleaved with other methods).
+    of each step (`step_times_s`, and the process's CPU seconds `step_cpu_times_s`; not
+    interleaved with other methods).
 
     `step_peak_mb`: the peak above what the built trainer (model, reference model, data) held:
     gradients, optimizer state, activations and logits. `later_step_peak_mb` (2 steps or more):
@@ -273,7 +274,7 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
     from transformers import TrainerCallback
 
     cuda = torch.cuda if opt.cuda else None
-    clock, times, marks = Clock(cuda), [], {"grads": 0}
+    clock, times, cpu, marks = Clock(cuda), [], [], {"grads": 0}
 
     class Steps(TrainerCallback):
         mark = None
@@ -283,13 +284,14 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
                 marks["first"], marks["second_base"] = read_peak(cuda), reset_peak(cuda)
                 marks["held_grads"] = grad_bytes(model)
             clock.sync()
-            self.mark = clock.start()
+            self.mark, self.cpu = clock.start(), time.process_time()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             marks["grads"] = max(marks["grads"], grad_bytes(model))
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(clock.seconds_since(self.mark))
+            cpu.append(time.process_time() - self.cpu)
 
     with tempfile.TemporaryDirectory() as out:
         model = make_model(sizes, opt.seed, sizes.seq, opt.precision, opt.attn)
@@ -303,6 +305,7 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
         "process_peak_mb": peak / 2**20,
         "step_peak_mb": (peak - base) / 2**20,
         "step_times_s": [round(t, 5) for t in times],
+        "step_cpu_times_s": [round(t, 5) for t in cpu],
     }
     result["grad_mb"] = marks["grads"] / 2**20
     if "second_base" in marks:
