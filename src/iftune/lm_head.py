@@ -20,9 +20,9 @@ from iftune.errors import UserError
 # Positions per chunk so that one chunk of float32 logits stays near 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
 # MiB of logits the training pass may keep for its backward instead of recomputing them. 512 keeps
-# every trained position of a batch of one 1k-token Qwen2.5 sequence (V = 151,936: 445 MiB) and
-# about a quarter of a batch of four, which keeps the chunked head at under a third of the
-# full-logits activation memory there (docs/performance.md).
+# every trained position of one 1k-token Qwen2.5 sequence (V = 151,936: 445 MiB) and about a
+# quarter of a batch of four, where IFT's activation memory then stays under a third of
+# full-logits IFT's (`iftune bench --preset qwen2.5-0.5b --batch 4`).
 DEFAULT_LOGITS_BUDGET_MB = 512.0
 
 
