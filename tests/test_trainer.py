@@ -62,6 +62,7 @@ def first_batch(trainer: IFTTrainer) -> dict:
         ("intuition_embeddings", "frozen"),
         ("intuition_k", 0),
         ("head_chunk_size", 0),
+        ("head_logits_budget_mb", -1.0),
         ("lm_head", "liger"),
     ],
 )

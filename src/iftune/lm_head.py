@@ -17,6 +17,11 @@ from torch.utils.checkpoint import checkpoint
 
 # Positions per chunk so that one chunk of float32 logits stays near 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
+# MiB of logits the training pass may keep for its backward instead of recomputing them. 512 keeps
+# every trained position of one 1k-token Qwen2.5 sequence (V = 151,936: 445 MiB) and about a
+# quarter of a batch of four, where IFT's activation memory then stays under a third of
+# full-logits IFT's (`iftune bench --preset qwen2.5-0.5b --batch 4`).
+DEFAULT_LOGITS_BUDGET_MB = 512.0
 
 
 def chunk_positions(vocab_size: int, chunk_elements: int = _CHUNK_ELEMENTS) -> int:
@@ -47,6 +52,12 @@ LOGIT_SCALES: dict[str, tuple[str, int]] = {
 # Vision-language models whose forward caps nothing although their text config has a
 # `final_logit_softcapping` (Gemma3ForConditionalGeneration; Gemma3ForCausalLM caps).
 UNCAPPED = frozenset({"gemma3"})
+
+
+def budget_positions(budget_mb: float | None, vocab_size: int, element_size: int = 4) -> int:
+    """Positions whose logits (`element_size` bytes each) fit `budget_mb` MiB (None: the default)."""
+    budget = DEFAULT_LOGITS_BUDGET_MB if budget_mb is None else budget_mb
+    return int(budget * 2**20 // (max(1, vocab_size) * element_size))
 
 
 def logit_transform(config: object) -> tuple[float, float | None]:
@@ -121,6 +132,7 @@ def intuition_from_hidden(
     scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    logits_budget_mb: float | None = None,
     with_logp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's choice of next token at every position, and the teacher-forced log-prob of
@@ -128,14 +140,17 @@ def intuition_from_hidden(
 
     Returns `(predictions (...) long, target_logp (...))`, log-probs in float32 or wider, or
     None without `with_logp` (the log-sum-exp over the vocabulary is most of the head's cost
-    beyond its matmul). One call of `head` whatever the number of positions.
+    beyond its matmul). One call of `head` whatever the number of positions. Without
+    `chunk_size`, a chunk is ~128 MiB of float32 logits or `logits_budget_mb` (None: the
+    default budget), whichever is larger: nothing is kept, so the training pass's budget is free here.
     """
 
     def run(forward, flat, tgt):
-        n = tgt.numel()
+        n, vocab = tgt.numel(), vocab_size(head)
         preds = torch.empty(n, dtype=torch.long, device=flat.device)
         logp = torch.empty(n, dtype=_acc_dtype(flat.dtype), device=flat.device)
-        for sl in _chunks(n, chunk_size or chunk_positions(vocab_size(head))):
+        size = chunk_size or max(chunk_positions(vocab), budget_positions(logits_budget_mb, vocab))
+        for sl in _chunks(n, size):
             logits = _logits(forward, flat[sl], scale, softcap)
             if intuition == "greedy" or (intuition == "rank" and k == 1):
                 preds[sl] = logits.argmax(-1)
@@ -169,33 +184,68 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
 
 
 class _LinearChunkLogProb(torch.autograd.Function):
-    """log p(target) through a plain linear head, storing only the log-sum-exp: the backward
-    recomputes the chunk's logits once, `d logit = g * (onehot - softmax)`, and applies the
-    two matmuls itself (checkpointing would recompute the log-sum-exp and its graph too).
-    `dtype` is the autocast dtype of the forward (None: none), which the backward reuses."""
+    """log p(target) through a plain linear head, chunk by chunk (`chunk` positions; None: one
+    chunk), storing only the log-sum-exp: the backward recomputes a chunk's logits once,
+    `d logit = g * (onehot - softmax)`, and applies the two matmuls itself (checkpointing would
+    recompute the log-sum-exp and its graph too). The chunks within the first `kept` positions
+    keep their logits (the head's output dtype) for the backward instead: the same values
+    without the recomputing matmul. `dtype` is the autocast dtype of the forward (None: none),
+    which the backward reuses. The weight's gradient is accumulated over the chunks in place."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, dtype=None):
-        logits = nn.functional.linear(_cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype))
-        logits = logits.to(_acc_dtype(logits.dtype)) * scale
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.scale, ctx.dtype = scale, dtype
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    def forward(ctx, hidden, weight, bias, targets, scale, dtype=None, chunk=None, kept=0):
+        n = hidden.shape[0]
+        w, b = _cast(weight, dtype), _cast(bias, dtype)
+        out, lses, keep = None, None, []
+        for sl in _chunks(n, chunk or max(1, n)):
+            raw = nn.functional.linear(_cast(hidden[sl], dtype), w, b)
+            logits = raw.to(_acc_dtype(raw.dtype)) * scale
+            if out is None:
+                out = logits.new_empty(n)
+                lses = logits.new_empty(n)
+            lses[sl] = torch.logsumexp(logits, dim=-1)
+            out[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lses[sl]
+            if sl.stop <= kept:
+                keep.append(raw)
+        if out is None:  # no position
+            out = lses = hidden.new_empty(0, dtype=_acc_dtype(hidden.dtype))
+        ctx.save_for_backward(hidden, weight, bias, targets, lses, *keep)
+        ctx.scale, ctx.dtype, ctx.chunk = scale, dtype, chunk
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        h, w = _cast(hidden, ctx.dtype), _cast(weight, ctx.dtype)
-        logits = nn.functional.linear(h, w, _cast(bias, ctx.dtype))
-        logits = logits.to(_acc_dtype(logits.dtype)) * ctx.scale
-        dlogits = torch.exp(logits.sub_(lse[:, None])).mul_(-grad[:, None])
-        dlogits.scatter_add_(-1, targets[:, None], grad[:, None].to(dlogits.dtype))
-        dz = (dlogits * ctx.scale).to(w.dtype)
-        grad_hidden = (dz @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (dz.T @ h.to(w.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        hidden, weight, bias, targets, lses, *keep = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, b = _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = grad_bias = None
+        for i, sl in enumerate(_chunks(n, ctx.chunk or max(1, n))):
+            h = _cast(hidden[sl], ctx.dtype)
+            raw = keep[i] if i < len(keep) else nn.functional.linear(h, w, b)
+            logits = raw.to(_acc_dtype(raw.dtype)) * ctx.scale  # a new tensor: a kept one stays intact
+            dlogits = logits.sub_(lses[sl, None]).exp_().mul_(-grad[sl, None])
+            dlogits.scatter_add_(-1, targets[sl, None], grad[sl, None].to(dlogits.dtype))
+            dz = (dlogits.mul_(ctx.scale) if ctx.scale != 1.0 else dlogits).to(w.dtype)
+            if need_h:
+                grad_hidden[sl] = dz @ w
+            if need_w:
+                h = h.to(w.dtype)
+                if grad_weight is None:
+                    grad_weight = (dz.T @ h).to(weight.dtype)
+                elif grad_weight.dtype == dz.dtype:
+                    grad_weight.addmm_(dz.T, h)  # no (V, H) temporary per chunk
+                else:  # half-precision products, summed in the weight's dtype
+                    grad_weight += dz.T @ h
+            if bias is not None and need_b:
+                part = dz.sum(0)
+                grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
+        if need_w and grad_weight is None:
+            grad_weight = torch.zeros_like(weight)
+        if need_b and bias is not None and grad_bias is None:
+            grad_bias = torch.zeros_like(bias)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -216,17 +266,22 @@ def token_logprobs(
     scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    logits_budget_mb: float | None = None,
 ) -> torch.Tensor:
     """log p(targets | hidden) per position, shaped like `targets`, float32 (or wider), with gradient.
 
-    Each chunk's logits are recomputed in the backward pass instead of being stored, which
-    keeps peak memory at one chunk of logits; `chunk_size=None` picks ~128 MiB chunks. One
-    call of `head` whatever the number of positions, under the caller's autocast.
+    The head runs chunk by chunk (`chunk_size` positions; None: ~128 MiB of float32 logits).
+    The chunks whose logits fit `logits_budget_mb` MiB (None: `DEFAULT_LOGITS_BUDGET_MB`; 0:
+    none) keep them for the backward; the others recompute them there instead of storing them,
+    which bounds peak memory by the budget plus one chunk of logits. The gradients are the same
+    either way. One call of `head` whatever the number of positions, under the caller's
+    autocast. A head other than a plain `nn.Linear` (LoRA on the head) or a soft-capped one is
+    checkpointed chunk by chunk and keeps nothing.
     """
 
     def run(forward, flat, tgt):
-        n = tgt.numel()
-        size = chunk_size or chunk_positions(vocab_size(head))
+        n, vocab = tgt.numel(), vocab_size(head)
+        size = chunk_size or chunk_positions(vocab)
         if n <= size:
             # One chunk: its stored logits are within the chunk budget, so skip the recompute.
             return _token_logp(forward, flat, tgt, scale, softcap)
@@ -234,10 +289,9 @@ def token_logprobs(
             parts = [_token_logp(forward, flat[sl], tgt[sl], scale, softcap) for sl in _chunks(n, size)]
         elif _fused_chunks_ok(head, softcap):
             dtype = _autocast_dtype(flat.device)
-            parts = [
-                _LinearChunkLogProb.apply(flat[sl], head.weight, head.bias, tgt[sl], float(scale), dtype)
-                for sl in _chunks(n, size)
-            ]
+            out_dtype = dtype or torch.promote_types(flat.dtype, head.weight.dtype)
+            kept = budget_positions(logits_budget_mb, vocab, out_dtype.itemsize)
+            return _LinearChunkLogProb.apply(flat, head.weight, head.bias, tgt, float(scale), dtype, size, kept)
         else:
             parts = [
                 checkpoint(_token_logp, forward, flat[sl], tgt[sl], scale, softcap, use_reentrant=False)
@@ -263,4 +317,13 @@ def vocab_size(head: nn.Module) -> int:
     return int(size)
 
 
-__all__ = ["chunk_positions", "head_call", "intuition_from_hidden", "logit_transform", "token_logprobs", "vocab_size"]
+__all__ = [
+    "DEFAULT_LOGITS_BUDGET_MB",
+    "budget_positions",
+    "chunk_positions",
+    "head_call",
+    "intuition_from_hidden",
+    "logit_transform",
+    "token_logprobs",
+    "vocab_size",
+]

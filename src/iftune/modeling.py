@@ -41,12 +41,15 @@ def trained_logprobs(
     position_ids: torch.Tensor | None = None,
     *,
     head_chunk_size: int | None = None,
+    head_logits_budget_mb: float | None = None,
     **inputs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log p(targets) where `mask`, 0 elsewhere, (B, T-1); the model's MoE router aux loss or
     None), from one forward with gradient on `inputs` (`input_ids` or `inputs_embeds`, plus extra
     forward keywords): the LM head runs at the trained positions only, in one call of the head
-    module whatever their number."""
+    module whatever their number, in chunks of `head_chunk_size` positions, keeping up to
+    `head_logits_budget_mb` MiB of their logits for the backward (`lm_head.token_logprobs`; None:
+    the defaults)."""
     base = unwrap_model(model)
     scale, softcap = logit_transform(base.config)
     with record_function("ift.training_forward"):
@@ -59,6 +62,7 @@ def trained_logprobs(
             scale=scale,
             softcap=softcap,
             chunk_size=head_chunk_size,
+            logits_budget_mb=head_logits_budget_mb,
         )
     return picked.new_zeros(mask.shape).masked_scatter(mask, picked), getattr(outputs, "aux_loss", None)
 

@@ -75,6 +75,10 @@ class IFTOptions:
         head_chunk_size (`int` or `None`, defaults to `None`):
             Trained positions whose logits exist at once in iftune's head (None: ~128 MiB of them).
             Cost only; the loss does not depend on it.
+        head_logits_budget_mb (`float` or `None`, defaults to `None`):
+            MiB of the training pass's logits kept for the backward instead of recomputed (None:
+            `lm_head.DEFAULT_LOGITS_BUDGET_MB`; 0: recompute every chunk). Cost only; the gradients
+            are the same.
     """
 
     lam: float | torch.Tensor = 0.2
@@ -88,6 +92,7 @@ class IFTOptions:
     intuition_embeddings: str = "live"
     detach_weights: bool = False
     head_chunk_size: int | None = None
+    head_logits_budget_mb: float | None = None
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.lam):
@@ -109,6 +114,10 @@ class IFTOptions:
             raise UserError(f"intuition_temperature={self.intuition_temperature!r} is not valid; expected a number > 0")
         if self.head_chunk_size is not None and self.head_chunk_size < 1:
             raise UserError(f"head_chunk_size={self.head_chunk_size!r} is not valid; expected None or an integer >= 1")
+        if self.head_logits_budget_mb is not None and not self.head_logits_budget_mb >= 0:
+            raise UserError(
+                f"head_logits_budget_mb={self.head_logits_budget_mb!r} is not valid; expected None or a number >= 0"
+            )
 
 
 OPTION_NAMES = tuple(f.name for f in fields(IFTOptions))
@@ -431,6 +440,7 @@ def intuition_pass(
                 scale=scale,
                 softcap=softcap,
                 chunk_size=options.head_chunk_size,
+                logits_budget_mb=options.head_logits_budget_mb,
             )
 
 
@@ -457,6 +467,7 @@ def training_pass(
             attention_mask,
             position_ids,
             head_chunk_size=options.head_chunk_size,
+            head_logits_budget_mb=options.head_logits_budget_mb,
             inputs_embeds=inputs_embeds,
             **(forward_kwargs or {}),
         )

@@ -128,6 +128,14 @@ class IFTConfig(SFTConfig):
             "memory). Not part of the objective."
         },
     )
+    head_logits_budget_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "MiB of logits iftune's LM-head path keeps for the backward instead of "
+            "recomputing them (None: 512; 0: recompute every chunk; the gradients are the "
+            "same). Not part of the objective."
+        },
+    )
     assistant_only_loss: bool | None = field(
         default=None,
         metadata={

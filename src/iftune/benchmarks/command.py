@@ -41,14 +41,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [
             f"{s['seq']} tokens (prompt {s['prompt']}), {result['timed_steps']} timed steps, interleaved",
             f"{'method':<12} {'s/step':>8} {'CPU s/step':>10} {'s/example':>10} {'tokens/s':>9} {'step peak MiB':>14} "
-            f"{'later MiB':>10} {'process MiB':>12}",
+            f"{'later MiB':>10} {'activ. MiB':>10} {'process MiB':>12}",
         ]
     for m, row in result["methods"].items():
         lines.append(
             f"{m:<12} {row['step_s']:>8.3f} {row['step_cpu_s']:>10.3f} {row['example_s']:>10.4f} "
             f"{row['tokens_per_s']:>9.0f} "
             f"{row['step_peak_mb']:>14.0f} {_cell(row.get('later_step_peak_mb'), '.0f'):>10} "
-            f"{row['process_peak_mb']:>12.0f}"
+            f"{_cell(row.get('activation_mb'), '.0f'):>10} {row['process_peak_mb']:>12.0f}"
         )
     if result["ratios"]:
         lines += ["", f"{'ratio':<32} {'value':>7}  target"]
@@ -89,8 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="bf16: mixed precision (autocast); bf16-weights: bf16 weights too (default fp32)",
+        default=None,
+        help="bf16: mixed precision (autocast); bf16-weights: bf16 weights too (default fp32; --matrix: fp32 and bf16)",
     )
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps per method first (default 2; 1 quick or preset)"
@@ -135,6 +135,20 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", action="store_true", help="also time each phase of an IFT and an SFT step")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
+    p.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the docs' main table: qwen2.5-0.5b and llama-3.2-1b at batch 1 and 4 in fp32 and bf16 (IFT, same-path "
+        "SFT, full-logits IFT at qwen), then DPO and ORPO at qwen; --preset, --batch, --precision narrow it; "
+        "--steps (default 5), --warmup (1); JSON: --json or DIR/bench-matrix.json",
+    )
+    p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="on one CUDA device, in minutes: the qwen2.5-0.5b and llama-3.2-1b shapes at full depth, bf16, "
+        "IFT against same-path SFT, TRL's SFTTrainer and TRL's LM head (JSON: --json, default gpu-check.json); "
+        "--batch (default 4), --warmup (2), --steps (5) apply",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw the sweep (time and memory against length) to FILE (PNG)")
     p.add_argument(
@@ -203,9 +217,78 @@ def _outputs(ns: argparse.Namespace) -> list[str]:
     return files
 
 
+def gpu_check(ns: argparse.Namespace) -> int:
+    """`--gpu-check`: one line without a CUDA device; else the check's table, 1 if a group failed."""
+    import torch
+
+    from iftune.benchmarks.gpu_check import format_gpu_check, run_gpu_check
+
+    if not torch.cuda.is_available():
+        raise UserError("--gpu-check: no CUDA device is available (it measures on one GPU)")
+    for name in ("steps", "batch"):
+        if getattr(ns, name) is not None and getattr(ns, name) < 1:
+            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
+    path = ns.json or os.path.join(ns.output_dir or ".", "gpu-check.json")
+    if ns.output_dir:
+        os.makedirs(ns.output_dir, exist_ok=True)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--json: no such directory '{os.path.dirname(os.path.abspath(path))}'")
+    with warnings.catch_warnings():
+        silence_libraries()
+        result = run_gpu_check(
+            torch.cuda,
+            path,
+            warmup=2 if ns.warmup is None else max(0, ns.warmup),
+            steps=ns.steps or 5,
+            batch=ns.batch or 4,
+        )
+    print(format_gpu_check(result))
+    print(f"gpu-check: written to {path}")
+    return 1 if any("error" in g for g in result["groups"]) else 0
+
+
+def matrix(ns: argparse.Namespace) -> int:
+    """`--matrix`: every row in one command; the Markdown table; 1 if a row failed."""
+    from iftune.benchmarks import matrix as mx
+
+    for name in ("steps", "batch"):
+        if getattr(ns, name) is not None and getattr(ns, name) < 1:
+            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
+    if ns.warmup is not None and ns.warmup < 0:
+        raise UserError(f"--warmup={ns.warmup} is not valid; expected an integer >= 0")
+    presets = (ns.preset,) if ns.preset else ("qwen2.5-0.5b", "llama-3.2-1b")
+    batches = (ns.batch,) if ns.batch else mx.BATCHES
+    precisions = (ns.precision,) if ns.precision else mx.PRECISIONS
+    path = ns.json or (os.path.join(ns.output_dir, "bench-matrix.json") if ns.output_dir else None)
+    if ns.output_dir:
+        os.makedirs(ns.output_dir, exist_ok=True)
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--json: no such directory '{os.path.dirname(os.path.abspath(path))}'")
+    with warnings.catch_warnings():
+        silence_libraries()
+        result = mx.run_matrix(
+            mx.plan(presets, batches, precisions),
+            path,
+            warmup=1 if ns.warmup is None else ns.warmup,
+            steps=ns.steps or 5,
+            seed=ns.seed,
+        )
+    print(mx.format_matrix(result))
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
 def main(argv: list[str]) -> int:
     """Run `iftune bench` with `argv`; print the tables; returns the exit status."""
     ns = make_parser().parse_args(argv)
+    if ns.gpu_check or ns.matrix:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if ns.threads is not None:
+            import torch
+
+            torch.set_num_threads(max(1, ns.threads))
+        return gpu_check(ns) if ns.gpu_check else matrix(ns)
+    ns.precision = ns.precision or "fp32"
     sizes, opts = settings(ns)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -239,4 +322,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["PRESET_METHODS", "format_table", "main", "make_parser", "settings"]
+__all__ = ["PRESET_METHODS", "format_table", "gpu_check", "main", "make_parser", "matrix", "settings"]

@@ -63,8 +63,12 @@ class Relay:
     of its training), so whatever it does between steps never overlaps another's timed step.
     """
 
-    def __init__(self, names: list[str], warmup: int, clock: Clock) -> None:
+    def __init__(self, names: list[str], warmup: int, clock: Clock, memory: bool = False) -> None:
         self.order = list(names)
+        # On CUDA, `memory`: each timed step's peak allocation (`reset_peak`/`read_peak` around
+        # the step, which runs alone), what it began with and its gradients, per method.
+        self.memory = memory and clock.cuda is not None
+        self.peaks: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         self.holder: str | None = self.order[0] if self.order else None
         self.cond = threading.Condition()
         self.warmup, self.clock = warmup, clock
@@ -107,9 +111,9 @@ class Relay:
         relay = self
 
         class _Timer(TrainerCallback):
-            held, mark, cpu = False, None, 0.0
+            held, mark, cpu, base, held_grads, grads = False, None, 0.0, 0, 0, 0
 
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
                 if not self.held:
                     relay.set_up[name].set()
                     with contextlib.suppress(threading.BrokenBarrierError):  # a failed one's set-up
@@ -117,23 +121,45 @@ class Relay:
                 relay.take(name, self.held)
                 self.held = True
                 relay.clock.sync()
+                if relay.memory:
+                    self.base, self.held_grads, self.grads = reset_peak(relay.clock.cuda), grad_bytes(model), 0
                 self.mark, self.cpu = relay.clock.start(), time.process_time()
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if relay.memory:
+                    self.grads = grad_bytes(model)
 
             def on_step_end(self, args, state, control, **kwargs):
                 seconds = relay.clock.seconds_since(self.mark)
                 if state.global_step > relay.warmup:
                     relay.times[name].append(seconds)
                     relay.cpu_times[name].append(time.process_time() - self.cpu)
+                    if relay.memory:
+                        peak = read_peak(relay.clock.cuda)
+                        unheld = max(0, self.grads - self.held_grads)
+                        relay.peaks[name].append(
+                            {
+                                "process_peak_mb": peak / 2**20,
+                                "later_step_peak_mb": (peak - self.base) / 2**20,
+                                "activation_mb": (peak - self.base - unheld) / 2**20,
+                                "grad_mb": self.grads / 2**20,
+                            }
+                        )
 
         return _Timer()
 
 
 def time_interleaved(
-    trainers: dict[str, Any], warmup: int, clock: Clock | None = None, cpu_times: dict | None = None
+    trainers: dict[str, Any],
+    warmup: int,
+    clock: Clock | None = None,
+    cpu_times: dict | None = None,
+    memory: dict | None = None,
 ) -> dict[str, list[float]]:
     """Run every trainer's `train()` at once, one step at a time in turn; seconds per timed step
-    (and, into `cpu_times` if given, the process's CPU seconds per timed step)."""
-    relay = Relay(list(trainers), warmup, clock or Clock())
+    (and, into `cpu_times` if given, the process's CPU seconds per timed step; into `memory`
+    if given and the clock is CUDA's, each timed step's peak allocation, `Relay.peaks`)."""
+    relay = Relay(list(trainers), warmup, clock or Clock(), memory is not None)
     errors: dict[str, BaseException] = {}
     # No thread exits (and tears down its OpenMP workers) while another one is being timed.
     finished = threading.Barrier(len(trainers))
@@ -169,6 +195,8 @@ def time_interleaved(
         raise RuntimeError(f"bench: the {name} trainer failed: {err!r}") from err
     if cpu_times is not None:
         cpu_times.update(relay.cpu_times)
+    if memory is not None and relay.memory:
+        memory.update(relay.peaks)
     return relay.times
 
 
@@ -230,33 +258,43 @@ def peak_during(run, cuda: Any = None) -> dict[str, float]:
 
 def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[str, Any]:
     """Peak memory (MiB) of `steps` training steps of `method` in this process, and the seconds
-    of each step (`step_times_s`, not interleaved with other methods).
+    of each step (`step_times_s`, and the process's CPU seconds `step_cpu_times_s`; not
+    interleaved with other methods).
 
     `step_peak_mb`: the peak above what the built trainer (model, reference model, data) held:
     gradients, optimizer state, activations and logits. `later_step_peak_mb` (2 steps or more):
     the peak of the later steps above what was held as the second began (the weights and the
     optimizer state): what a step's activations, logits and gradients cost once training runs.
+    `activation_mb` (2 steps or more): that peak minus the static floor, i.e. minus the
+    gradients (`grad_mb`, their bytes at the optimizer step; those already held as the second
+    step began are in the base): what activations and logits cost. `static_mb`: the floor
+    above the built trainer, optimizer state and gradients, measured in the same run.
     """
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda if opt.cuda else None
-    clock, times, marks = Clock(cuda), [], {}
+    clock, times, cpu, marks = Clock(cuda), [], [], {"grads": 0}
 
     class Steps(TrainerCallback):
         mark = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 1:
                 marks["first"], marks["second_base"] = read_peak(cuda), reset_peak(cuda)
+                marks["held_grads"] = grad_bytes(model)
             clock.sync()
-            self.mark = clock.start()
+            self.mark, self.cpu = clock.start(), time.process_time()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            marks["grads"] = max(marks["grads"], grad_bytes(model))
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(clock.seconds_since(self.mark))
+            cpu.append(time.process_time() - self.cpu)
 
     with tempfile.TemporaryDirectory() as out:
-        model = make_model(sizes, opt.seed, sizes.seq, opt.precision)
+        model = make_model(sizes, opt.seed, sizes.seq, opt.precision, opt.attn)
         trainer = build_trainer(method, sizes, model, steps, opt, out)
         trainer.add_callback(Steps())
         base = reset_peak(cuda)
@@ -267,10 +305,32 @@ def measure_memory(method: str, sizes: Sizes, steps: int, opt: Options) -> dict[
         "process_peak_mb": peak / 2**20,
         "step_peak_mb": (peak - base) / 2**20,
         "step_times_s": [round(t, 5) for t in times],
+        "step_cpu_times_s": [round(t, 5) for t in cpu],
     }
+    result["grad_mb"] = marks["grads"] / 2**20
     if "second_base" in marks:
         result["later_step_peak_mb"] = (last - marks["second_base"]) / 2**20
+        result.update(floor_split(base, marks["second_base"], last, marks["grads"], marks["held_grads"]))
     return result
+
+
+def grad_bytes(model: Any) -> int:
+    """Bytes of the gradients `model`'s parameters hold now (0 without a model)."""
+    if model is None:
+        return 0
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def floor_split(base: int, second_base: int, later_peak: int, grads: int, held_grads: int) -> dict[str, float]:
+    """The static floor above the built trainer (`base`: weights, data) and the activation
+    memory above it, in MiB: the floor is what the second step began with (weights, optimizer
+    state, gradients not freed) plus the gradients it had yet to allocate; activations are the
+    later steps' peak above that floor."""
+    unheld = max(0, grads - held_grads)
+    return {
+        "static_mb": (second_base - base + unheld) / 2**20,
+        "activation_mb": (later_peak - second_base - unheld) / 2**20,
+    }
 
 
 def _memory_child(conn, method: str, sizes: Sizes, steps: int, opt: Options) -> None:
@@ -338,6 +398,8 @@ def memory_per_process(
 __all__ = [
     "Clock",
     "Relay",
+    "floor_split",
+    "grad_bytes",
     "measure_memory",
     "memory_per_process",
     "peak_during",

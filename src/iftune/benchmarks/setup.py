@@ -131,17 +131,24 @@ class Options:
 
     `precision`: "fp32"; "bf16" (mixed precision: float32 weights, autocast to bf16, the
     `bf16=True` training argument); "bf16-weights" (the same with the weights cast to bf16).
+    `attn`: the models' attention implementation (None: transformers' default, sdpa);
+    `padding_free`: the trainers' padding-free collation (flash-attention's varlen path).
     """
 
     seed: int = 0
     cuda: bool = False
     checkpointing: bool = False
     precision: str = "fp32"
+    attn: str | None = None
+    padding_free: bool = False
 
 
-def make_model(sizes: Sizes, seed: int, max_positions: int, precision: str = "fp32"):
-    """A causal LM of `sizes` with random weights (seeded); float32 unless "bf16-weights"."""
+def make_model(sizes: Sizes, seed: int, max_positions: int, precision: str = "fp32", attn: str | None = None):
+    """A causal LM of `sizes` with random weights (seeded); float32 unless "bf16-weights";
+    `attn`: its attention implementation (None: transformers' default)."""
     import torch
+
+    extra = {"attn_implementation": attn} if attn else {}
 
     model = causal_lm(
         sizes.arch,
@@ -155,6 +162,7 @@ def make_model(sizes: Sizes, seed: int, max_positions: int, precision: str = "fp
         max_position_embeddings=max_positions,
         tie_word_embeddings=sizes.tied,
         rope_theta=sizes.rope_theta,
+        **extra,
     )
     return model.to(torch.bfloat16) if precision == "bf16-weights" else model
 
@@ -207,6 +215,7 @@ def _common_args(sizes: Sizes, steps: int, opt: Options, out_dir: str) -> dict[s
         max_length=sizes.seq,
         # TRL's configs turn it on by default, the ORPO one does not: one setting for all.
         activation_checkpointing=opt.checkpointing,
+        **({"padding_free": True} if opt.padding_free else {}),
     )
 
 
@@ -256,7 +265,7 @@ def shared_copies(model, n: int) -> list:
 def shared_trainers(methods: list[str], sizes: Sizes, steps: int, opt: Options, out: str) -> dict[str, Any]:
     """The trainer of each method (`steps` steps), sharing one set of weights and one AdamW
     state (created as the first trainer creates it): N trainers hold one model's training state."""
-    base = make_model(sizes, opt.seed, sizes.seq, opt.precision)
+    base = make_model(sizes, opt.seed, sizes.seq, opt.precision, opt.attn)
     trainers = {
         m: build_trainer(m, sizes, model, steps, opt, os.path.join(out, m))
         for m, model in zip(methods, shared_copies(base, len(methods)))
