@@ -24,6 +24,18 @@ TINY_LLAMA = dict(
 )
 
 
+# A tiny mixture of experts (Qwen3-MoE or Mixtral): 4 experts, 2 per token, on `TINY_LLAMA`'s
+# shapes; each family reads its own name of the expert count.
+TINY_MOE = dict(
+    TINY_LLAMA,
+    head_dim=8,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+)
+
+
 def word_tokenizer(words: Sequence[str], chat_template: str | None = None):
     """A `PreTrainedTokenizerFast` over `SPECIALS` then `words` (ids in that order)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -57,13 +69,33 @@ def llama(vocab_size: int, seed: int = 0, **overrides):
     return causal_lm("llama", vocab_size, seed, **{**TINY_LLAMA, **overrides})
 
 
-def causal_lm(architecture: str, vocab_size: int, seed: int = 0, **config):
-    """A causal LM of `architecture` ("llama" or "qwen2") with random weights (seeded), float32.
-    `config`: the architecture's config fields; the special-token ids default to `SPECIALS`'."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def moe(architecture: str, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny mixture-of-experts LM ("qwen3_moe" or "mixtral"): `TINY_MOE` unless overridden."""
+    return causal_lm(architecture, vocab_size, seed, **{**TINY_MOE, **overrides})
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+def causal_lm(architecture: str, vocab_size: int, seed: int = 0, **config):
+    """A causal LM of `architecture` ("llama", "qwen2", "qwen3_moe" or "mixtral") with random
+    weights (seeded), float32. `config`: the architecture's config fields; the special-token ids
+    default to `SPECIALS`'."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+    }
     if architecture not in classes:
         raise ValueError(f"architecture={architecture!r}; expected one of {', '.join(classes)}")
     config_cls, model_cls = classes[architecture]
@@ -78,8 +110,10 @@ __all__ = [
     "PAD_ID",
     "SPECIALS",
     "TINY_LLAMA",
+    "TINY_MOE",
     "causal_lm",
     "llama",
+    "moe",
     "numbered_tokenizer",
     "numbered_words",
     "word_tokenizer",

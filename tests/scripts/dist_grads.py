@@ -28,6 +28,7 @@ from batches import empty_batch, normal_batch, perfect_batch
 from conftest import build_model, build_tokenizer
 from iftune.modeling import sequence_count
 from iftune.objective import ift_loss
+from iftune.tiny import moe
 from iftune.trainer import IFTTrainer
 
 ROWS = 2  # sequences per rank
@@ -35,30 +36,8 @@ AUX_COEF = 0.05  # the tiny MoE's router_aux_loss_coef
 
 
 def tiny_moe(vocab: int, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny Qwen3-MoE (4 experts, 2 per token) that returns its router aux loss."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-        output_router_logits=True,
-        router_aux_loss_coef=AUX_COEF,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **overrides,
-    )
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
+    """A tiny Qwen3-MoE (`iftune.tiny.TINY_MOE`) that returns its router aux loss."""
+    return moe("qwen3_moe", vocab, seed, output_router_logits=True, router_aux_loss_coef=AUX_COEF, **overrides)
 
 
 def parse_args() -> argparse.Namespace:
