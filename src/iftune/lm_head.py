@@ -146,10 +146,14 @@ def intuition_from_hidden(
     """
 
     def run(forward, flat, tgt):
-        n, vocab = tgt.numel(), vocab_size(head)
+        n = tgt.numel()
         preds = torch.empty(n, dtype=torch.long, device=flat.device)
         logp = torch.empty(n, dtype=_acc_dtype(flat.dtype), device=flat.device)
-        size = chunk_size or max(chunk_positions(vocab), budget_positions(logits_budget_mb, vocab))
+        if chunk_size is None:
+            vocab = vocab_size(head)
+            size = max(chunk_positions(vocab), budget_positions(logits_budget_mb, vocab))
+        else:
+            size = chunk_size
         for sl in _chunks(n, size):
             logits = _logits(forward, flat[sl], scale, softcap)
             if intuition == "greedy" or (intuition == "rank" and k == 1):
@@ -280,8 +284,8 @@ def token_logprobs(
     """
 
     def run(forward, flat, tgt):
-        n, vocab = tgt.numel(), vocab_size(head)
-        size = chunk_size or chunk_positions(vocab)
+        n = tgt.numel()
+        size = chunk_size or chunk_positions(vocab_size(head))  # a given chunk size needs no vocabulary
         if n <= size:
             # One chunk: its stored logits are within the chunk budget, so skip the recompute.
             return _token_logp(forward, flat, tgt, scale, softcap)
@@ -290,7 +294,7 @@ def token_logprobs(
         elif _fused_chunks_ok(head, softcap):
             dtype = _autocast_dtype(flat.device)
             out_dtype = dtype or torch.promote_types(flat.dtype, head.weight.dtype)
-            kept = budget_positions(logits_budget_mb, vocab, out_dtype.itemsize)
+            kept = budget_positions(logits_budget_mb, vocab_size(head), out_dtype.itemsize)
             return _LinearChunkLogProb.apply(flat, head.weight, head.bias, tgt, float(scale), dtype, size, kept)
         else:
             parts = [
