@@ -176,26 +176,24 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- (a) SFT limit and head
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_sft_limit_is_the_models_own_loss(model_type):
-    model = tiny(model_type).eval()
+def assert_sft_limit(model, model_type: str) -> None:
+    """lam 0, gamma 0: IFT's loss is the model's own loss, and the head check passes."""
     ids, labels = batch()
     with torch.no_grad():
         own = model(input_ids=ids, labels=labels).loss
         out = ift(model, ids, labels, lam=0.0, gamma=0.0)
     assert relative(out.loss, own) < 1e-5, (model_type, float(out.loss), float(own))
     check_batch(model, {"input_ids": ids, "labels": labels})
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_sft_limit_is_the_models_own_loss(model_type):
+    assert_sft_limit(tiny(model_type).eval(), model_type)
 
 
 @pytest.mark.parametrize("model_type", VLMS)
 def test_vision_language_model_trains_on_text_as_its_language_model(model_type):
-    model = tiny_vlm(model_type).eval()
-    ids, labels = batch()
-    with torch.no_grad():
-        own = model(input_ids=ids, labels=labels).loss
-        out = ift(model, ids, labels, lam=0.0, gamma=0.0)
-    assert relative(out.loss, own) < 1e-5, (model_type, float(out.loss), float(own))
-    check_batch(model, {"input_ids": ids, "labels": labels})
+    assert_sft_limit(tiny_vlm(model_type).eval(), model_type)
 
 
 def test_head_transforms_follow_each_forward():
