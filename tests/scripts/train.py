@@ -5,7 +5,6 @@ import os
 import signal
 import sys
 
-from accelerate import PartialState
 from transformers import TrainerCallback
 
 from iftune import train
@@ -35,9 +34,6 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
-    # torch asks for this before exit; once, under load, a 2-process run whose work had ended
-    # aborted at exit without it ("terminate called without an active exception").
-    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
