@@ -58,6 +58,41 @@ def build_model(vocab_size: int, seed: int = 0, **overrides):
     return llama(vocab_size, seed, **overrides)
 
 
+# IFTConfig settings of an in-process test run on the CPU (the tests override what they vary).
+CPU = dict(
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    logging_steps=1,
+)
+
+
+def make_trainer(tmp_path, model=None, rows=None, **overrides):
+    """An `IFTTrainer` of the tiny Llama (or `model`) on `rows` (default: 8 conversations), one
+    step, `CPU` settings unless overridden."""
+    from datasets import Dataset
+
+    from iftune.trainer import IFTConfig, IFTTrainer
+
+    tok = build_tokenizer()
+    model = model if model is not None else build_model(len(tok))
+    cfg = {**CPU, "output_dir": str(tmp_path / "out"), "max_steps": 1, **overrides}
+    return IFTTrainer(
+        model=model,
+        args=IFTConfig(**cfg),
+        processing_class=tok,
+        train_dataset=Dataset.from_list(rows or conversations(8)),
+    )
+
+
+def first_batch(trainer) -> dict:
+    """The trainer's first training micro-batch, prepared as `compute_loss` receives it."""
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama + tokenizer, loadable with from_pretrained."""

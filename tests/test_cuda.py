@@ -13,14 +13,12 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
 
 from batches import normal_batch
-from conftest import build_model, build_tokenizer, conversations
+from conftest import first_batch, make_trainer
 from iftune.lm_head import token_logprobs
 from iftune.objective import IFTOptions, ift_loss
 from iftune.tiny import causal_lm
-from iftune.trainer import IFTConfig, IFTTrainer
 
 DEVICE = torch.device(os.environ.get("IFTUNE_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
@@ -74,23 +72,9 @@ def test_kept_logits_give_the_recomputed_gradients_bit_for_bit_under_bf16_autoca
         assert torch.equal(a, b)
 
 
-def _trainer(tmp_path, bf16: bool, **overrides) -> IFTTrainer:
-    tok = build_tokenizer()
-    args = IFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=DEVICE.type == "cpu",
-        bf16=bf16,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        **{"max_steps": 1, **overrides},
-    )
-    return IFTTrainer(
-        model=build_model(len(tok)), args=args, processing_class=tok, train_dataset=Dataset.from_list(conversations(8))
-    )
+def _trainer(tmp_path, bf16: bool, **overrides):
+    """The tests' tiny IFT trainer on `DEVICE`, batch 4."""
+    return make_trainer(tmp_path, use_cpu=DEVICE.type == "cpu", bf16=bf16, per_device_train_batch_size=4, **overrides)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -99,8 +83,7 @@ def test_trl_fused_head_and_iftune_head_give_the_same_loss_and_gradient(tmp_path
     for head in ("iftune", "trl"):
         trainer = _trainer(tmp_path / head, bf16, lm_head=head)
         assert trainer.model.device.type == DEVICE.type
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        loss = trainer.compute_loss(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, first_batch(trainer))
         loss.backward()
         results.append((loss.item(), trainer.model.lm_head.weight.grad.double().cpu()))
     (loss_a, grad_a), (loss_b, grad_b) = results

@@ -11,39 +11,22 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_TWO, build_model, build_tokenizer, conversations, run_offline, write_jsonl
+from conftest import (
+    ACCELERATE_TWO,
+    CPU,
+    build_model,
+    build_tokenizer,
+    conversations,
+    first_batch,
+    make_trainer,
+    run_offline,
+    write_jsonl,
+)
 from iftune.objective import ift_loss
 from iftune.trainer import IFTConfig, IFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train.py"
-CPU = dict(
-    use_cpu=True,
-    bf16=False,
-    report_to="none",
-    save_strategy="no",
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-    logging_steps=1,
-)
-
-
-def make_trainer(tmp_path, model=None, rows=None, **overrides) -> IFTTrainer:
-    tok = build_tokenizer()
-    model = model if model is not None else build_model(len(tok))
-    cfg = {**CPU, "output_dir": str(tmp_path / "out"), "max_steps": 1, **overrides}
-    return IFTTrainer(
-        model=model,
-        args=IFTConfig(**cfg),
-        processing_class=tok,
-        train_dataset=Dataset.from_list(rows or conversations(8)),
-    )
-
-
-def first_batch(trainer: IFTTrainer) -> dict:
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-
-
 # ---------------------------------------------------------------- config
 
 
