@@ -394,7 +394,29 @@ def test_overheads_at_tiny_sizes(capsys):
     assert torch.equal(one, two)  # the forward is the same bit for bit
     assert overheads.main(["--preset", "tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "one / two" in out and "guard / clip" in out and "full logits over" in out
+    assert "one / two" in out and "guard / clip" in out and "full logits over" in out and "floor" in out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_overheads_floor_splits_an_ift_step(precision):
+    """The floor part times the three steps it names and derives its ratios from them; its SFT
+    step is PathSFTTrainer's loss, which equals IFT's at lam = 0, gamma = 0 (docs/objective.md)."""
+    from iftune.benchmarks import overheads
+    from iftune.benchmarks.setup import PRESETS, make_model
+    from iftune.modeling import trained_targets
+    from iftune.objective import ift_loss
+
+    sizes = PRESETS["tiny"]
+    r = overheads.bench_floor(sizes, 1, torch.device("cpu"), precision)
+    assert min(r["sft_s"], r["ift_s"], r["intuition_s"]) > 0
+    assert r["floor"] == pytest.approx(1 + r["intuition_s"] / r["sft_s"])
+    assert r["excess"] == pytest.approx(r["ift_over_sft"] - r["floor"])
+    model = make_model(sizes, 0, sizes.seq)
+    ids, _ = overheads.batch_ids(sizes, torch.device("cpu"))
+    labels = ids.masked_fill(torch.arange(sizes.seq) < sizes.prompt, -100)
+    targets, mask = trained_targets(labels)
+    sft = overheads.path_sft_loss(model, ids, targets, mask)
+    torch.testing.assert_close(sft, ift_loss(model, ids, labels, lam=0.0, gamma=0.0).loss)
 
 
 # --------------------------------------------------------------------------- the GPU check, on a stand-in
@@ -447,14 +469,21 @@ def test_gpu_check_on_a_stand_in_device(tmp_path):
     methods, heads, flash = result["groups"]
     assert methods["label"] == "tiny shape, 2 of 2 layers" and methods["batch"] == 2  # full depth
     assert set(methods["per_method"]) == {"trl_sft", "sft", "ift"}
-    assert set(heads["per_method"]) == {"ift", "ift_trl_head"}
+    assert set(heads["per_method"]) == {"ift", "ift_trl_head", "trl_sft", "naive_ift"}
     for row in (*methods["per_method"].values(), *heads["per_method"].values()):
         assert row["step_times_s"] == [0.25, 0.25]  # the fake device's events, not the host clock
         assert row["tokens_per_step"] == 2 * 48 and row["tokens_per_s"] == 2 * 48 / 0.25
         # Nothing is allocated on the fake device: peak and activations are what it began with.
         assert row["step_peak_mb"] == 100.0 and row["activation_mb"] <= 0
     assert set(methods["ratios"]) >= {"ift_over_sft_time", "ift_over_trl_sft_time", "ift_over_sft_memory"}
-    assert heads["ratios"]["trl_head_over_iftune_head_time"] == 1.0
+    # Every ratio of the heads group, from the fake clock's equal step times.
+    assert {k: heads["ratios"][k] for k in heads["ratios"] if k.endswith("_time")} == {
+        "ift_over_trl_sft_time": 1.0,
+        "trl_head_over_iftune_head_time": 1.0,
+        "ift_trl_head_over_trl_sft_time": 1.0,
+        "naive_over_ift_time": 1.0,
+    }
+    assert "naive_over_ift_activation_memory" in heads["ratios"]
     assert flash["attention"] == "flash_attention_2" and flash["padding_free"] and "error" in flash
     table = format_gpu_check(result)
     assert "ift_trl_head" in table and "flash_attention_2 padding-free" in table

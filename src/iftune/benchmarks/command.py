@@ -147,7 +147,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on one CUDA device, in minutes: the qwen2.5-0.5b and llama-3.2-1b shapes at full depth, bf16, "
         "IFT against same-path SFT, TRL's SFTTrainer and TRL's LM head (JSON: --json, default gpu-check.json); "
-        "--batch (default 4), --warmup (2), --steps (5) apply",
+        "--batch (default 4), --warmup (5), --steps (20) apply",
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw the sweep (time and memory against length) to FILE (PNG)")
@@ -225,9 +225,9 @@ def gpu_check(ns: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise UserError("--gpu-check: no CUDA device is available (it measures on one GPU)")
-    for name in ("steps", "batch"):
-        if getattr(ns, name) is not None and getattr(ns, name) < 1:
-            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
+    for name, least in (("warmup", 0), ("steps", 1), ("batch", 1)):
+        if getattr(ns, name) is not None and getattr(ns, name) < least:
+            raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= {least}")
     path = ns.json or os.path.join(ns.output_dir or ".", "gpu-check.json")
     if ns.output_dir:
         os.makedirs(ns.output_dir, exist_ok=True)
@@ -235,13 +235,8 @@ def gpu_check(ns: argparse.Namespace) -> int:
         raise UserError(f"--json: no such directory '{os.path.dirname(os.path.abspath(path))}'")
     with warnings.catch_warnings():
         silence_libraries()
-        result = run_gpu_check(
-            torch.cuda,
-            path,
-            warmup=2 if ns.warmup is None else max(0, ns.warmup),
-            steps=ns.steps or 5,
-            batch=ns.batch or 4,
-        )
+        given = {k: getattr(ns, k) for k in ("warmup", "steps", "batch") if getattr(ns, k) is not None}
+        result = run_gpu_check(torch.cuda, path, **given)
     print(format_gpu_check(result))
     print(f"gpu-check: written to {path}")
     return 1 if any("error" in g for g in result["groups"]) else 0

@@ -1,4 +1,4 @@
-"""Three overheads of an IFT step, each measured alone at a preset's shape (median of repeats):
+"""The overheads of an IFT step, each measured alone at a preset's shape (median of repeats):
 
 - `lookups`: eq. 17's two embedding lookups of the whole batch (input ids, intuitive ids)
   against ONE lookup of the concatenated ids, forward and backward: two lookups scatter twice
@@ -9,9 +9,15 @@
 - `head`: the chunked LM head's forward and backward at the trained positions, recomputing
   every chunk's logits (budget 0) or keeping those that fit the default budget, next to the
   full-logits log-softmax over every position (what naive IFT's training pass does).
+- `floor`: a same-path SFT step, an IFT step (forward, backward, AdamW) and IFT's intuition
+  pass alone, interleaved on one model. IFT is SFT plus that no-grad forward (eq. 17 needs the
+  model's own prediction before the training pass), so `1 + intuition / SFT` is the least
+  IFT / SFT that any exact implementation can reach; `excess` is what iftune's IFT costs beyond
+  it, as a fraction of the SFT step.
 
-Run: `python -m iftune.benchmarks.overheads [lookups guard head] [--preset qwen2.5-0.5b]
-[--batch 4] [--layers N] [--device cuda]`.
+`--precision bf16` runs `head` and `floor` under bf16 autocast (float32 weights), as the
+Trainer's `bf16=True` does. Run: `python -m iftune.benchmarks.overheads [lookups guard head
+floor] [--preset qwen2.5-0.5b] [--batch 4] [--layers N] [--precision bf16] [--device cuda]`.
 """
 
 from __future__ import annotations
@@ -22,12 +28,19 @@ from types import SimpleNamespace
 
 import torch
 
-from iftune.benchmarks.ops import median_seconds
+from iftune.benchmarks.ops import interleaved_medians, median_seconds
 from iftune.benchmarks.setup import PRESETS, Sizes, make_model
 from iftune.lm_head import DEFAULT_LOGITS_BUDGET_MB, token_logprobs
-from iftune.objective import mix_embeddings
+from iftune.modeling import IGNORE_INDEX, trained_logprobs, trained_targets
+from iftune.objective import IFTOptions, ift_loss, intuition_pass, mix_embeddings
 
-PARTS = ("lookups", "guard", "head")
+PARTS = ("lookups", "guard", "head", "floor")
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for "bf16" (float32 weights, as the Trainer's `bf16=True`), none for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def batch_ids(sizes: Sizes, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +100,7 @@ def bench_guard(sizes: Sizes, repeats: int, device: torch.device) -> dict:
     return {"parameters": n, "guard_s": check, "clip_norm_s": clip, "guard_over_clip": check / clip}
 
 
-def bench_head(sizes: Sizes, repeats: int, device: torch.device) -> dict:
+def bench_head(sizes: Sizes, repeats: int, device: torch.device, precision: str = "fp32") -> dict:
     """Seconds of the head's forward + backward at the trained positions: recomputing (budget
     0), with the default budget, and the full-logits log-softmax over every position."""
     torch.manual_seed(0)
@@ -100,11 +113,14 @@ def bench_head(sizes: Sizes, repeats: int, device: torch.device) -> dict:
 
     def chunked(budget):
         head.weight.grad = None
-        token_logprobs(hidden, head, targets, logits_budget_mb=budget).sum().backward()
+        with autocast(device, precision):
+            logp = token_logprobs(hidden, head, targets, logits_budget_mb=budget)
+        logp.sum().backward()
 
     def full():
         head.weight.grad = None
-        logits = head(everything).float()
+        with autocast(device, precision):
+            logits = head(everything).float()
         torch.log_softmax(logits, -1).gather(-1, every_target[:, None]).sum().backward()
 
     out = {"trained_positions": trained, "all_positions": sizes.batch * sizes.seq}
@@ -114,6 +130,52 @@ def bench_head(sizes: Sizes, repeats: int, device: torch.device) -> dict:
     return out
 
 
+def path_sft_loss(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PathSFTTrainer's loss on one batch of full rows: the per-sequence mean NLL of the
+    trained tokens, on IFT's head path."""
+    logp, _ = trained_logprobs(model, targets, mask, input_ids=ids)
+    return (-logp.sum(-1) / mask.sum(-1)).mean()
+
+
+def bench_floor(sizes: Sizes, repeats: int, device: torch.device, precision: str = "fp32") -> dict:
+    """Seconds of a same-path SFT step, an IFT step (IFT's default options) and the intuition
+    pass alone, interleaved; `floor` = 1 + intuition / SFT, `excess` = (IFT - SFT - intuition) / SFT."""
+    model = make_model(sizes, 0, sizes.seq).to(device).train()
+    ids, _ = batch_ids(sizes, device)
+    labels = ids.masked_fill(torch.arange(sizes.seq, device=device) < sizes.prompt, IGNORE_INDEX)
+    targets, mask = trained_targets(labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    options = IFTOptions()
+
+    def step(loss_fn):
+        with autocast(device, precision):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def intuition():
+        with autocast(device, precision):
+            intuition_pass(model, ids, targets, mask, None, None, options)
+
+    t = interleaved_medians(
+        {
+            "sft_s": lambda: step(lambda: path_sft_loss(model, ids, targets, mask)),
+            "ift_s": lambda: step(lambda: ift_loss(model, ids, labels, options=options).loss),
+            "intuition_s": intuition,
+        },
+        repeats,
+        device,
+    )
+    sft_s = t["sft_s"]
+    return {
+        **t,
+        "ift_over_sft": t["ift_s"] / sft_s,
+        "floor": 1 + t["intuition_s"] / sft_s,
+        "excess": (t["ift_s"] - sft_s - t["intuition_s"]) / sft_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iftune.benchmarks.overheads", description=__doc__.split("\n")[0])
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {' '.join(PARTS)} (default: all)")
@@ -121,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
     parser.add_argument("--layers", type=int, default=None, help="guard: layers of the model (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="head and floor: bf16 autocast or none")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -134,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = replace(sizes, batch=args.batch or sizes.batch, layers=args.layers or sizes.layers)
     print(
         f"{sizes.label()}, batch {sizes.batch} x {sizes.seq} (prompt {sizes.prompt}), vocab {sizes.vocab}, "
-        f"hidden {sizes.hidden}, float32, {device}, {torch.get_num_threads()} CPU threads, median of {args.repeats}"
+        f"hidden {sizes.hidden}, {args.precision} (head, floor), {device}, {torch.get_num_threads()} CPU threads, "
+        f"median of {args.repeats}"
     )
     if "lookups" in args.parts:
         r = bench_lookups(sizes, args.repeats, device)
@@ -150,12 +214,19 @@ def main(argv: list[str] | None = None) -> int:
             f"norm {r['clip_norm_s']:.4f} s; guard / clip {r['guard_over_clip']:.2f}"
         )
     if "head" in args.parts:
-        r = bench_head(sizes, args.repeats, device)
+        r = bench_head(sizes, args.repeats, device, args.precision)
         print(
             f"LM head forward + backward, {r['trained_positions']} trained positions: "
             f"recomputing {r['recompute_s']:.3f} s, "
             f"keeping {DEFAULT_LOGITS_BUDGET_MB:.0f} MiB {r['budget_s']:.3f} s; full logits over "
             f"{r['all_positions']} positions {r['full_logits_s']:.3f} s"
+        )
+    if "floor" in args.parts:
+        r = bench_floor(sizes, args.repeats, device, args.precision)
+        print(
+            f"steps (forward + backward + AdamW), interleaved: SFT {r['sft_s']:.3f} s, IFT {r['ift_s']:.3f} s, "
+            f"IFT / SFT {r['ift_over_sft']:.3f}; the intuition pass alone {r['intuition_s']:.3f} s, so no exact "
+            f"IFT goes under {r['floor']:.3f} x SFT; iftune's excess over that floor {r['excess']:+.3f} x SFT"
         )
     return 0
 
