@@ -95,6 +95,7 @@ def test_trl_fused_head_and_iftune_head_give_the_same_loss_and_gradient(tmp_path
 
 def test_ift_trains_in_bf16_on_the_device(tmp_path):
     trainer = _trainer(tmp_path, bf16=True, max_steps=3, learning_rate=1e-3)
+    assert trainer.args.lm_head == ("trl" if DEVICE.type == "cuda" else "iftune")  # the default head there
     before = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

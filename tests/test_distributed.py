@@ -152,10 +152,12 @@ cli_run = run_offline
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_iftune_cli_under_zero3_matches_one_process(tmp_path, tiny_model_dir, chat_file):
+@pytest.mark.parametrize("lm_head", ["iftune", "trl"])
+def test_iftune_cli_under_zero3_matches_one_process(tmp_path, tiny_model_dir, chat_file, lm_head):
     """`iftune ift --deepspeed ds.json` on 2 processes (the HF Trainer's DeepSpeed integration:
     zero.Init loading, the engine's backward, IFTTrainer's loss scaling) makes the same SGD update
-    as one process on the same 4 sequences, with several head chunks per rank."""
+    as one process on the same 4 sequences, with several head chunks per rank on iftune's head,
+    and on TRL's fused head (the default where training runs on CUDA)."""
     from safetensors.torch import load_file
 
     (tmp_path / "ds.json").write_text(json.dumps(ZERO3_CONFIG))
@@ -189,6 +191,7 @@ def test_iftune_cli_under_zero3_matches_one_process(tmp_path, tiny_model_dir, ch
         "head_chunk_size": 3,
         "intuition_embeddings": "detached",
         "bf16": "false",
+        "lm_head": lm_head,
     }
     argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     one, two = tmp_path / "one", tmp_path / "two"

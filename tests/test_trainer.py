@@ -54,6 +54,28 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
         IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
 
 
+def test_lm_head_default_follows_the_device_and_an_explicit_choice_is_kept(tmp_path, monkeypatch):
+    def head(**kw):
+        return IFTConfig(output_dir=str(tmp_path), bf16=False, **kw).lm_head
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert head() == head(use_cpu=False) == "iftune"
+    assert head(lm_head="trl") == "trl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the default reads it
+    assert head(use_cpu=True) == "iftune"
+    assert head(use_cpu=True, lm_head="trl") == "trl"
+    assert head(use_cpu=True, lm_head=None) == "iftune"
+
+
+def test_lm_head_default_is_trl_where_training_runs_on_cuda(monkeypatch):
+    from iftune.trainer import default_lm_head
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_lm_head(use_cpu=False) == "trl" and default_lm_head(use_cpu=True) == "iftune"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_lm_head(use_cpu=False) == "iftune"
+
+
 def test_config_refuses_wrapped_packing(tmp_path):
     with pytest.raises(ValueError, match="wrapped"):
         IFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, packing=True, packing_strategy="wrapped")

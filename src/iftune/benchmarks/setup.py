@@ -232,8 +232,8 @@ def build_trainer(method: str, sizes: Sizes, model, steps: int, opt: Options, ou
     config_cls, trainer_cls = trainer_classes(TRAINER_OF[method])
     trainer_cls = {"sft": PathSFTTrainer, "naive_ift": NaiveIFTTrainer}.get(method, trainer_cls)
     kwargs: dict[str, Any] = {}
-    if method == "ift_trl_head":
-        common["lm_head"] = "trl"
+    if method in ("ift", "ift_trl_head"):  # pinned: the default head depends on the device
+        common["lm_head"] = "trl" if method == "ift_trl_head" else "iftune"
     elif method == "dpo":
         kwargs["ref_model"] = copy.deepcopy(model)  # an in-memory model has no path to reload it from
     elif method == "orpo":
