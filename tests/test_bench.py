@@ -394,12 +394,12 @@ def test_overheads_at_tiny_sizes(capsys):
     assert torch.equal(one, two)  # the forward is the same bit for bit
     assert overheads.main(["--preset", "tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "one / two" in out and "guard / clip" in out and "full logits over" in out and "floor" in out
+    assert "one / two" in out and "guard / clip" in out and "full logits over" in out and "x that pass" in out
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_overheads_floor_splits_an_ift_step(precision):
-    """The floor part times the three steps it names and derives its ratios from them; its SFT
+def test_overheads_intuition_splits_an_ift_step(precision):
+    """The intuition part times the three steps it names and derives its ratios from them; its SFT
     step is PathSFTTrainer's loss, which equals IFT's at lam = 0, gamma = 0 (docs/objective.md)."""
     from iftune.benchmarks import overheads
     from iftune.benchmarks.setup import PRESETS, make_model
@@ -407,10 +407,10 @@ def test_overheads_floor_splits_an_ift_step(precision):
     from iftune.objective import ift_loss
 
     sizes = PRESETS["tiny"]
-    r = overheads.bench_floor(sizes, 1, torch.device("cpu"), precision)
+    r = overheads.bench_intuition(sizes, 1, torch.device("cpu"), precision)
     assert min(r["sft_s"], r["ift_s"], r["intuition_s"]) > 0
-    assert r["floor"] == pytest.approx(1 + r["intuition_s"] / r["sft_s"])
-    assert r["excess"] == pytest.approx(r["ift_over_sft"] - r["floor"])
+    assert r["ift_over_sft"] == pytest.approx(1 + r["extra_over_intuition"] * r["intuition_over_sft"])
+    assert r["intuition_over_sft"] == pytest.approx(r["intuition_s"] / r["sft_s"])
     model = make_model(sizes, 0, sizes.seq)
     ids, _ = overheads.batch_ids(sizes, torch.device("cpu"))
     labels = ids.masked_fill(torch.arange(sizes.seq) < sizes.prompt, -100)
@@ -482,6 +482,7 @@ def test_gpu_check_on_a_stand_in_device(tmp_path):
         "trl_head_over_iftune_head_time": 1.0,
         "ift_trl_head_over_trl_sft_time": 1.0,
         "naive_over_ift_time": 1.0,
+        "naive_over_ift_trl_head_time": 1.0,
     }
     assert "naive_over_ift_activation_memory" in heads["ratios"]
     assert flash["attention"] == "flash_attention_2" and flash["padding_free"] and "error" in flash

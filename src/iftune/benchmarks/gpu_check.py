@@ -52,6 +52,7 @@ GROUP_RATIOS = {
     "ift_trl_head_over_trl_sft_memory": ("ift_trl_head", "trl_sft", "step_peak_mb"),
     "naive_over_ift_time": ("naive_ift", "ift", "step_s"),
     "naive_over_ift_activation_memory": ("naive_ift", "ift", "activation_mb"),
+    "naive_over_ift_trl_head_time": ("naive_ift", "ift_trl_head", "step_s"),
 }
 LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft", "flash-attn", "liger-kernel", "triton")
 
