@@ -38,12 +38,18 @@ def base_args(model_dir, data, out, steps=2, **extra) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["sft", "ift", "dpo", "orpo"])
-def test_each_method_trains_and_saves_a_loadable_model(method, tiny_model_dir, chat_file, preference_file, tmp_path):
+def test_each_method_trains_and_saves_a_loadable_model(
+    method, tiny_model_dir, chat_file, preference_file, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ended = []
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: ended.append(self))
     data = preference_file if method in ("dpo", "orpo") else chat_file
     out = tmp_path / method
     assert run_cli(method, *base_args(tiny_model_dir, data, out)) == 0
+    assert len(ended) == 1  # the script's teardown, once, after the model is saved
     state = json.loads((out / "trainer_state.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)

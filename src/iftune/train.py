@@ -380,7 +380,10 @@ def run(method: str, argv: list[str]) -> int:
     # bitsandbytes warns on import about an optional CPU kernel package, on every run.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(method, *parse(method, argv))
+    trainer = train(method, *parse(method, argv))
+    # The end of the script (transformers' Trainer.end): trackers finish, and each process
+    # destroys its process group, which torch asks for before exit.
+    trainer.accelerator.end_training()
     return 0
 
 

@@ -34,6 +34,15 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    trainer.accelerator.end_training()  # as `iftune <method>` ends
+    # Then leave without interpreter finalization: there a rank of a 2-process gloo run aborted
+    # after everything was saved ("terminate called without an active exception", SIGABRT) in 3
+    # of 4 fresh-clone suites and 1 of 14 runs under load, destroyed process group or not;
+    # pytorch/pytorch#179291 describes gloo's threads releasing tensors during finalization.
+    # The tests check what was saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
