@@ -235,6 +235,16 @@ def test_bad_option_values(capsys, tiny_model_dir, chat_file, tmp_path):
     expect_error(capsys, ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--norm", "L3"], "norm", "L1")
 
 
+def test_option_combination_trl_refuses_is_one_line(capsys, tiny_model_dir, chat_file, tmp_path):
+    # TRL's SFTTrainer raises ValueError for padding_free without packing (max_length unenforced).
+    expect_error(
+        capsys,
+        ["ift", *base_args(tiny_model_dir, chat_file, tmp_path / "o"), "--padding_free", "true"],
+        "IFTTrainer:",
+        "padding_free",
+    )
+
+
 def test_missing_config_file(capsys, tmp_path):
     expect_error(capsys, ["ift", "--config", tmp_path / "none.yaml"], "none.yaml")
 

@@ -315,14 +315,17 @@ def build_trainer(method: str, data_args: DataArguments, training_args, model_ar
     if peft_config is not None and config is not None:
         check_lora_targets(config, peft_config)  # PEFT knows no default targets for some families
     _, trainer_cls = trainer_classes(method)
-    trainer = trainer_cls(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    try:
+        trainer = trainer_cls(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+    except ValueError as err:  # TRL checks its options' combinations here (e.g. padding_free without packing)
+        raise UserError(f"{trainer_cls.__name__}: {' '.join(str(err).split())}") from err
     report_dropped(trainer, len(dataset), method, training_args)
     return trainer
 
