@@ -394,7 +394,13 @@ def test_overheads_at_tiny_sizes(capsys):
     assert torch.equal(one, two)  # the forward is the same bit for bit
     assert overheads.main(["--preset", "tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "one / two" in out and "guard / clip" in out and "full logits over" in out and "x that pass" in out
+    assert (
+        "one / two" in out
+        and "guard / clip" in out
+        and "full logits over" in out
+        and "x that pass" in out
+        and "log-sum-exp" in out
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -8,7 +8,8 @@
   gradient), next to the clipping norm the Trainer computes anyway (`clip_grad_norm_`).
 - `head`: the chunked LM head's forward and backward at the trained positions, recomputing
   every chunk's logits (budget 0) or keeping those that fit the default budget, next to the
-  full-logits log-softmax over every position (what naive IFT's training pass does).
+  full-logits log-softmax over every position (what naive IFT's training pass does); and the
+  intuition pass's head with and without the float32 log-sum-exp of its `sft_loss` metric.
 - `intuition`: a same-path SFT step, an IFT step (forward, backward, AdamW) and IFT's
   intuition pass alone, interleaved on one model. IFT is SFT plus that no-grad forward (eq. 17
   needs the model's own prediction before the training pass): `intuition / SFT` is what it must
@@ -30,7 +31,7 @@ import torch
 
 from iftune.benchmarks.ops import interleaved_medians, median_seconds
 from iftune.benchmarks.setup import PRESETS, Sizes, make_model
-from iftune.lm_head import DEFAULT_LOGITS_BUDGET_MB, token_logprobs
+from iftune.lm_head import DEFAULT_LOGITS_BUDGET_MB, intuition_from_hidden, token_logprobs
 from iftune.modeling import IGNORE_INDEX, trained_logprobs, trained_targets
 from iftune.objective import IFTOptions, ift_loss, intuition_pass, mix_embeddings
 
@@ -102,7 +103,8 @@ def bench_guard(sizes: Sizes, repeats: int, device: torch.device) -> dict:
 
 def bench_head(sizes: Sizes, repeats: int, device: torch.device, precision: str = "fp32") -> dict:
     """Seconds of the head's forward + backward at the trained positions: recomputing (budget
-    0), with the default budget, and the full-logits log-softmax over every position."""
+    0), with the default budget, and the full-logits log-softmax over every position; and of the
+    intuition pass's head (no grad) with the log-sum-exp of its `sft_loss` metric and without."""
     torch.manual_seed(0)
     head = torch.nn.Linear(sizes.hidden, sizes.vocab, bias=False, device=device)
     trained = sizes.batch * (sizes.seq - sizes.prompt - 1)
@@ -123,10 +125,16 @@ def bench_head(sizes: Sizes, repeats: int, device: torch.device, precision: str 
             logits = head(everything).float()
         torch.log_softmax(logits, -1).gather(-1, every_target[:, None]).sum().backward()
 
+    def intuition(with_logp):  # the intuition pass's head: argmax, and the metric's log-sum-exp or not
+        with autocast(device, precision):
+            intuition_from_hidden(hidden.detach(), head, targets, with_logp=with_logp)
+
     out = {"trained_positions": trained, "all_positions": sizes.batch * sizes.seq}
     out["recompute_s"] = median_seconds(lambda: chunked(0), repeats, device)
     out["budget_s"] = median_seconds(lambda: chunked(None), repeats, device)
     out["full_logits_s"] = median_seconds(full, repeats, device)
+    out["intuition_head_s"] = median_seconds(lambda: intuition(True), repeats, device)
+    out["intuition_head_argmax_only_s"] = median_seconds(lambda: intuition(False), repeats, device)
     return out
 
 
@@ -221,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             f"LM head forward + backward, {r['trained_positions']} trained positions: "
             f"recomputing {r['recompute_s']:.3f} s, "
             f"keeping {DEFAULT_LOGITS_BUDGET_MB:.0f} MiB {r['budget_s']:.3f} s; full logits over "
-            f"{r['all_positions']} positions {r['full_logits_s']:.3f} s"
+            f"{r['all_positions']} positions {r['full_logits_s']:.3f} s; the intuition pass's head "
+            f"{r['intuition_head_s']:.3f} s, {r['intuition_head_argmax_only_s']:.3f} s without the "
+            f"sft_loss metric's log-sum-exp"
         )
     if "intuition" in args.parts:
         r = bench_intuition(sizes, args.repeats, device, args.precision)
