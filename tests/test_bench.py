@@ -408,8 +408,8 @@ def test_overheads_intuition_splits_an_ift_step(precision):
     """The intuition part times the three steps it names and derives its ratios from them; its SFT
     step is PathSFTTrainer's loss, which equals IFT's at lam = 0, gamma = 0 (docs/objective.md)."""
     from iftune.benchmarks import overheads
+    from iftune.benchmarks.baselines import path_sft_sums
     from iftune.benchmarks.setup import PRESETS, make_model
-    from iftune.modeling import trained_targets
     from iftune.objective import ift_loss
 
     sizes = PRESETS["tiny"]
@@ -420,9 +420,8 @@ def test_overheads_intuition_splits_an_ift_step(precision):
     model = make_model(sizes, 0, sizes.seq)
     ids, _ = overheads.batch_ids(sizes, torch.device("cpu"))
     labels = ids.masked_fill(torch.arange(sizes.seq) < sizes.prompt, -100)
-    targets, mask = trained_targets(labels)
-    sft = overheads.path_sft_loss(model, ids, targets, mask)
-    torch.testing.assert_close(sft, ift_loss(model, ids, labels, lam=0.0, gamma=0.0).loss)
+    loss_sum, n_sequences = path_sft_sums(model, ids, labels)
+    torch.testing.assert_close(loss_sum / n_sequences, ift_loss(model, ids, labels, lam=0.0, gamma=0.0).loss)
 
 
 # --------------------------------------------------------------------------- the GPU check, on a stand-in

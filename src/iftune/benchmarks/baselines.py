@@ -15,20 +15,31 @@ from iftune.objective import intuitive_tokens, mix_embeddings, relation_weights
 from iftune.trainer import IFTTrainer
 
 
+def path_sft_sums(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over sequences of each one's mean NLL of its trained tokens, number of sequences with
+    a trained token), through IFT's head path: `PathSFTTrainer`'s loss before it is averaged."""
+    targets, mask = trained_targets(labels, position_ids)
+    logp, _ = trained_logprobs(model, targets, mask, attention_mask, position_ids, input_ids=input_ids)
+    return (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum(), mask.any(-1).sum()
+
+
 class PathSFTTrainer(IFTTrainer):
     """Single-pass SFT, per-sequence mean, on IFT's head path: docs/objective.md's lam = 0, gamma = 0
     objective without the intuition pass."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The per-sequence mean NLL of the trained tokens, averaged like IFT's loss."""
-        position_ids = inputs.get("position_ids")
-        targets, mask = trained_targets(inputs["labels"], position_ids)
         with self.accelerator.autocast():  # the head call outside the forward too, as IFTTrainer
-            logp, _ = trained_logprobs(
-                model, targets, mask, inputs.get("attention_mask"), position_ids, input_ids=inputs["input_ids"]
+            loss_sum, n_sequences = path_sft_sums(
+                model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), inputs.get("position_ids")
             )
-        loss_sum = (-logp.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
-        loss = self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
+        loss = self.window_mean(loss_sum, n_sequences, num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
 
@@ -65,4 +76,4 @@ class NaiveIFTTrainer(IFTTrainer):
         return self.window_mean(loss_sum, mask.any(-1).sum(), num_items_in_batch)
 
 
-__all__ = ["NaiveIFTTrainer", "PathSFTTrainer"]
+__all__ = ["NaiveIFTTrainer", "PathSFTTrainer", "path_sft_sums"]

@@ -26,15 +26,7 @@ from iftune.objective import discounted_cumsum, relation_weights
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` over `repeats` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats, device)["fn"]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:

@@ -29,10 +29,11 @@ from types import SimpleNamespace
 
 import torch
 
+from iftune.benchmarks.baselines import path_sft_sums
 from iftune.benchmarks.ops import interleaved_medians, median_seconds
 from iftune.benchmarks.setup import PRESETS, Sizes, make_model
 from iftune.lm_head import DEFAULT_LOGITS_BUDGET_MB, intuition_from_hidden, token_logprobs
-from iftune.modeling import IGNORE_INDEX, trained_logprobs, trained_targets
+from iftune.modeling import IGNORE_INDEX, trained_targets
 from iftune.objective import IFTOptions, ift_loss, intuition_pass, mix_embeddings
 
 PARTS = ("lookups", "guard", "head", "intuition")
@@ -138,13 +139,6 @@ def bench_head(sizes: Sizes, repeats: int, device: torch.device, precision: str 
     return out
 
 
-def path_sft_loss(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """PathSFTTrainer's loss on one batch of full rows: the per-sequence mean NLL of the
-    trained tokens, on IFT's head path."""
-    logp, _ = trained_logprobs(model, targets, mask, input_ids=ids)
-    return (-logp.sum(-1) / mask.sum(-1)).mean()
-
-
 def bench_intuition(sizes: Sizes, repeats: int, device: torch.device, precision: str = "fp32") -> dict:
     """Seconds of a same-path SFT step, an IFT step (IFT's default options) and the intuition
     pass alone, interleaved, and the ratios of the module's docstring."""
@@ -162,13 +156,17 @@ def bench_intuition(sizes: Sizes, repeats: int, device: torch.device, precision:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def sft():  # PathSFTTrainer's loss
+        loss_sum, n_sequences = path_sft_sums(model, ids, labels)
+        return loss_sum / n_sequences
+
     def intuition():
         with autocast(device, precision):
             intuition_pass(model, ids, targets, mask, None, None, options)
 
     t = interleaved_medians(
         {
-            "sft_s": lambda: step(lambda: path_sft_loss(model, ids, targets, mask)),
+            "sft_s": lambda: step(sft),
             "ift_s": lambda: step(lambda: ift_loss(model, ids, labels, options=options).loss),
             "intuition_s": intuition,
         },
