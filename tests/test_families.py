@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import build_tokenizer, run_offline
+from conftest import build_tokenizer, first_batch, make_trainer, run_offline
 from iftune import cli
 from iftune.errors import UserError
 from iftune.families import check_batch, check_head_matches, check_lora_targets, check_packed_documents, uncompiled
@@ -259,6 +259,21 @@ def test_ift_gradients_are_finite_on_every_parameter(model_type, bf16):
 
 
 # --------------------------------------------------------------------------- (c) padding-free rows
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_trl_head_gives_iftune_heads_loss_and_gradient(tmp_path, model_type):
+    """TRL's fused head, the default where training runs on CUDA, trains each family on the
+    distribution iftune's head does: logit scales and soft caps included."""
+    results = []
+    for head in ("iftune", "trl"):
+        trainer = make_trainer(tmp_path / head, model=tiny(model_type), per_device_train_batch_size=4, lm_head=head)
+        loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+        loss.backward()
+        results.append((loss.item(), trainer.model.get_output_embeddings().weight.grad.clone()))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    torch.testing.assert_close(grad_b, grad_a, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
