@@ -1,11 +1,15 @@
 """The chunked LM head's logits budget: the chunks that fit it keep their logits for the backward,
-the others recompute them, and the gradients are the same bit for bit; the budget bounds what is kept."""
+the others recompute them, and the gradients are the same bit for bit; the budget bounds what is kept.
+The elementwise work on a chunk runs a block of rows at a time: the blocks change no bit either."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
+from iftune import lm_head
 from iftune.errors import UserError
 from iftune.lm_head import _LinearChunkLogProb, budget_positions, intuition_from_hidden, token_logprobs
 from iftune.objective import IFTOptions
@@ -32,9 +36,17 @@ def _mb(positions: int, element_size: int = 4) -> float:
     return positions * V * element_size / 2**20
 
 
+@pytest.fixture(params=["one block", "2-row blocks"])
+def blocks(request, monkeypatch):
+    """The chunks' elementwise work in one block per chunk, or in blocks of 2 rows (weight gradient: 9 rows)."""
+    if request.param == "2-row blocks":
+        monkeypatch.setattr(lm_head, "_BLOCK_ELEMENTS", 2 * V)
+    return request.param
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 1.7])
-def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(scale, autocast):
+def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(scale, autocast, blocks):
     head, hidden, targets = _setup()
     size = 2 if autocast else 4  # bf16 logits under autocast: half the bytes per position
     recomputed = _grads(head, hidden, targets, 0, scale, autocast)
@@ -45,7 +57,7 @@ def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(scale, autocast):
             assert torch.equal(a, b)
 
 
-def test_kept_and_recomputed_match_autograd_on_full_logits():
+def test_kept_and_recomputed_match_autograd_on_full_logits(blocks):
     head, hidden, targets = _setup(torch.float64)
     logits = head(hidden) * 1.7
     ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
@@ -59,7 +71,7 @@ def test_kept_and_recomputed_match_autograd_on_full_logits():
 
 
 @pytest.mark.parametrize("kept", [0, 7, 100])
-def test_chunked_function_gradcheck(kept):
+def test_chunked_function_gradcheck(kept, blocks):
     head, hidden, targets = _setup(torch.float64)
 
     def fn(h, w, b):
@@ -101,3 +113,56 @@ def test_intuition_pass_same_with_a_budget_sized_chunk():
     b = intuition_from_hidden(hidden, head, targets, logits_budget_mb=_mb(N))
     assert torch.equal(a[0], b[0])
     torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "scale", "bias"),
+    list(itertools.product([torch.float32, torch.bfloat16], [False, True], [1.0, 1.7], [False, True])),
+)
+def test_row_blocks_change_no_bit(monkeypatch, dtype, autocast, scale, bias):
+    """Log-probs and every gradient, with and without kept logits, in float32 or bfloat16 weights,
+    with or without autocast (half-precision weight-gradient products summed in float32 a block
+    at a time): the same bits in 2-row blocks as in one block per chunk."""
+    head, hidden, targets = _setup(dtype, bias)
+    size = 2 if autocast or dtype == torch.bfloat16 else 4
+
+    def run():
+        return [_grads(head, hidden, targets, budget, scale, autocast) for budget in (0, _mb(2 * CHUNK, size))]
+
+    whole = run()
+    monkeypatch.setattr(lm_head, "_BLOCK_ELEMENTS", 2 * V)
+    for (logp_a, grads_a), (logp_b, grads_b) in zip(whole, run(), strict=True):
+        assert torch.equal(logp_a, logp_b)
+        for a, b in zip(grads_a, grads_b, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_intuition_pass_logp_in_row_blocks(monkeypatch, autocast):
+    """The intuition pass's teacher-forced log-probs, a block of rows at a time, are log_softmax's
+    (up to float rounding) and the same bits as in one block; the choices are the argmax."""
+    head, hidden, targets = _setup()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(hidden).float()
+        whole = intuition_from_hidden(hidden, head, targets, chunk_size=CHUNK)
+        monkeypatch.setattr(lm_head, "_BLOCK_ELEMENTS", 2 * V)
+        blocked = intuition_from_hidden(hidden, head, targets, chunk_size=CHUNK)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+    assert torch.equal(blocked[0], logits.argmax(-1))
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(blocked[1], ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [0, None])
+def test_autocast_gradients_match_autograd_on_full_logits(budget, blocks):
+    """Under bf16 autocast with float32 weights (half-precision products per chunk, summed in
+    float32): autograd through the whole head's bf16 logits, up to bf16 rounding."""
+    head, hidden, targets = _setup()
+    params = [hidden, *head.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.log_softmax(head(hidden).float() * 1.7, -1).gather(-1, targets[:, None]).squeeze(-1)
+    ref_grads = torch.autograd.grad((ref.exp() * 1.3 + ref).sum(), params)
+    logp, grads = _grads(head, hidden, targets, budget, scale=1.7, autocast=True)
+    torch.testing.assert_close(logp, ref, atol=1e-6, rtol=0)  # the same bf16 logits, widened
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

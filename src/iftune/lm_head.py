@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 # Positions per chunk so that one chunk of float32 logits stays near 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
+# Logits per block of the elementwise work on a chunk: 8 MiB of float32, which stays in cache.
+_BLOCK_ELEMENTS = 1 << 21
 # MiB of logits the training pass may keep for its backward instead of recomputing them. 512 keeps
 # every trained position of one 1k-token Qwen2.5 sequence (V = 151,936: 445 MiB) and about a
 # quarter of a batch of four, where IFT's activation memory then stays under a third of
@@ -164,8 +166,10 @@ def intuition_from_hidden(
                 probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
                 preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             if with_logp:
-                logits = logits.to(logp.dtype)
-                logp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                for r in _row_blocks(sl.stop - sl.start, logits.shape[-1]):  # a widened block stays in cache
+                    at = slice(sl.start + r.start, sl.start + r.stop)
+                    block = logits[r].to(logp.dtype)
+                    logp[at] = block.gather(-1, tgt[at, None]).squeeze(-1) - torch.logsumexp(block, dim=-1)
         return preds, logp
 
     shape, n = targets.shape, targets.numel()
@@ -187,6 +191,31 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t if t is None or dtype is None or t.dtype != torch.float32 else t.to(dtype)
 
 
+def _linear_into(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """`nn.functional.linear(h, w, b)` (the same addmm or mm) written into `out`."""
+    return torch.addmm(b, h, w.T, out=out) if b is not None else torch.mm(h, w.T, out=out)
+
+
+def _row_blocks(n: int, vocab: int):
+    """Slices of rows whose logits fill about `_BLOCK_ELEMENTS`: the elementwise work on a block stays in cache."""
+    return _chunks(n, max(1, _BLOCK_ELEMENTS // max(1, vocab)))
+
+
+def _widened(raw: torch.Tensor, scale: float, buffer: torch.Tensor) -> torch.Tensor:
+    """`raw.to(buffer.dtype) * scale`, the same values, written into the first rows of `buffer`."""
+    wide = buffer[: raw.shape[0]].copy_(raw)
+    return wide.mul_(scale) if scale != 1.0 else wide
+
+
+def _add_widened(total: torch.Tensor, part: torch.Tensor) -> None:
+    """`total += part` for a narrower `part`, a block of rows at a time: the widened copy that the
+    mixed-dtype add would make of all of `part` is one block, reused."""
+    block = None
+    for sl in _row_blocks(part.shape[0], part[0].numel()):
+        block = part.new_empty(sl.stop - sl.start, *part.shape[1:], dtype=total.dtype) if block is None else block
+        total[sl] += block[: sl.stop - sl.start].copy_(part[sl])
+
+
 class _LinearChunkLogProb(torch.autograd.Function):
     """log p(target) through a plain linear head, chunk by chunk (`chunk` positions; None: one
     chunk), storing only the log-sum-exp: the backward recomputes a chunk's logits once,
@@ -194,25 +223,37 @@ class _LinearChunkLogProb(torch.autograd.Function):
     recompute the log-sum-exp and its graph too). The chunks within the first `kept` positions
     keep their logits (the head's output dtype) for the backward instead: the same values
     without the recomputing matmul. `dtype` is the autocast dtype of the forward (None: none),
-    which the backward reuses. The weight's gradient is accumulated over the chunks in place."""
+    which the backward reuses. The weight's gradient is accumulated over the chunks in place.
+
+    Memory traffic, not arithmetic, is what the elementwise work costs: each pass allocates its
+    chunk-sized tensors once and reuses them (on a CPU a fresh one is a page fault per page), and
+    widens, reduces and differentiates a chunk's logits a cache-sized block of rows at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, dtype=None, chunk=None, kept=0):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         w, b = _cast(weight, dtype), _cast(bias, dtype)
-        out, lses, keep = None, None, []
+        acc = _acc_dtype(w.dtype)
+        out, lses = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
+        spare = wide = None  # a recomputed chunk's logits; a block of them widened
+        keep = []
         for sl in _chunks(n, chunk or max(1, n)):
-            raw = nn.functional.linear(_cast(hidden[sl], dtype), w, b)
-            logits = raw.to(_acc_dtype(raw.dtype)) * scale
-            if out is None:
-                out = logits.new_empty(n)
-                lses = logits.new_empty(n)
-            lses[sl] = torch.logsumexp(logits, dim=-1)
-            out[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lses[sl]
+            h = _cast(hidden[sl], dtype)
             if sl.stop <= kept:
+                raw = nn.functional.linear(h, w, b)
                 keep.append(raw)
-        if out is None:  # no position
-            out = lses = hidden.new_empty(0, dtype=_acc_dtype(hidden.dtype))
+            else:
+                spare = w.new_empty(sl.stop - sl.start, vocab) if spare is None else spare
+                raw = _linear_into(h, w, b, spare[: sl.stop - sl.start])
+            for r in _row_blocks(raw.shape[0], vocab):
+                at = slice(sl.start + r.start, sl.start + r.stop)
+                if raw.dtype == acc and scale == 1.0:
+                    logits = raw[r]  # only read here
+                else:
+                    wide = raw.new_empty(r.stop - r.start, vocab, dtype=acc) if wide is None else wide
+                    logits = _widened(raw[r], scale, wide)
+                lses[at] = torch.logsumexp(logits, dim=-1)
+                out[at] = logits.gather(-1, targets[at, None]).squeeze(-1) - lses[at]
         ctx.save_for_backward(hidden, weight, bias, targets, lses, *keep)
         ctx.scale, ctx.dtype, ctx.chunk = scale, dtype, chunk
         return out
@@ -222,26 +263,43 @@ class _LinearChunkLogProb(torch.autograd.Function):
         hidden, weight, bias, targets, lses, *keep = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w, b = _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
-        n = hidden.shape[0]
+        n, vocab, scale = hidden.shape[0], weight.shape[0], ctx.scale
+        acc = _acc_dtype(w.dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = grad_bias = None
+        spare = wide = product = None  # recomputed logits, then dz; a widened block; a half-precision dz.T @ h
         for i, sl in enumerate(_chunks(n, ctx.chunk or max(1, n))):
             h = _cast(hidden[sl], ctx.dtype)
-            raw = keep[i] if i < len(keep) else nn.functional.linear(h, w, b)
-            logits = raw.to(_acc_dtype(raw.dtype)) * ctx.scale  # a new tensor: a kept one stays intact
-            dlogits = logits.sub_(lses[sl, None]).exp_().mul_(-grad[sl, None])
-            dlogits.scatter_add_(-1, targets[sl, None], grad[sl, None].to(dlogits.dtype))
-            dz = (dlogits.mul_(ctx.scale) if ctx.scale != 1.0 else dlogits).to(w.dtype)
+            spare = w.new_empty(sl.stop - sl.start, vocab) if spare is None else spare
+            dz = spare[: sl.stop - sl.start]
+            raw = keep[i] if i < len(keep) else _linear_into(h, w, b, dz)
+            for r in _row_blocks(raw.shape[0], vocab):
+                at = slice(sl.start + r.start, sl.start + r.stop)
+                if raw is dz and raw.dtype == acc:  # our own buffer: worked on in place
+                    logits = raw[r].mul_(scale) if scale != 1.0 else raw[r]
+                else:  # a kept tensor stays intact
+                    wide = raw.new_empty(r.stop - r.start, vocab, dtype=acc) if wide is None else wide
+                    logits = _widened(raw[r], scale, wide)
+                dlogits = logits.sub_(lses[at, None]).exp_().mul_(-grad[at, None])
+                dlogits.scatter_add_(-1, targets[at, None], grad[at, None].to(dlogits.dtype))
+                if scale != 1.0:
+                    dlogits.mul_(scale)
+                if dlogits.data_ptr() != dz[r].data_ptr():
+                    dz[r] = dlogits  # rows of raw already read when raw is dz
             if need_h:
                 grad_hidden[sl] = dz @ w
             if need_w:
                 h = h.to(w.dtype)
-                if grad_weight is None:
-                    grad_weight = (dz.T @ h).to(weight.dtype)
-                elif grad_weight.dtype == dz.dtype:
+                if grad_weight is not None and grad_weight.dtype == dz.dtype:
                     grad_weight.addmm_(dz.T, h)  # no (V, H) temporary per chunk
-                else:  # half-precision products, summed in the weight's dtype
-                    grad_weight += dz.T @ h
+                elif grad_weight is None and weight.dtype == dz.dtype:
+                    grad_weight = dz.T @ h
+                else:  # half-precision products, each rounded, summed in the weight's dtype
+                    product = torch.mm(dz.T, h, out=product)
+                    if grad_weight is None:
+                        grad_weight = product.to(weight.dtype)
+                    else:
+                        _add_widened(grad_weight, product)
             if bias is not None and need_b:
                 part = dz.sum(0)
                 grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
