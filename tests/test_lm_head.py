@@ -166,3 +166,19 @@ def test_autocast_gradients_match_autograd_on_full_logits(budget, blocks):
     torch.testing.assert_close(logp, ref, atol=1e-6, rtol=0)  # the same bf16 logits, widened
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("with_logp", [False, True])
+def test_greedy_choice_in_widened_blocks_is_the_first_maximum(monkeypatch, with_logp):
+    """The greedy choice, taken on float32-widened blocks of bf16 logits, is the bf16 logits'
+    argmax, first maximum on ties (bf16 logits tie often)."""
+    head, hidden, targets = _setup(torch.bfloat16)
+    with torch.no_grad():  # small integer logits: many ties
+        head.weight.copy_(torch.randint(-1, 2, head.weight.shape))
+        head.bias.zero_()
+        hidden = hidden.round()
+        logits = head(hidden)
+    assert (logits == logits.max(-1, keepdim=True).values).sum(-1).gt(1).any()  # ties are exercised
+    monkeypatch.setattr(lm_head, "_BLOCK_ELEMENTS", 2 * V)
+    preds, _ = intuition_from_hidden(hidden, head, targets, chunk_size=CHUNK, with_logp=with_logp)
+    assert torch.equal(preds, logits.argmax(-1))

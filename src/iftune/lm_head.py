@@ -156,19 +156,24 @@ def intuition_from_hidden(
             size = max(chunk_positions(vocab), budget_positions(logits_budget_mb, vocab))
         else:
             size = chunk_size
+        greedy = intuition == "greedy" or (intuition == "rank" and k == 1)
         for sl in _chunks(n, size):
             logits = _logits(forward, flat[sl], scale, softcap)
-            if intuition == "greedy" or (intuition == "rank" and k == 1):
-                preds[sl] = logits.argmax(-1)
-            elif intuition == "rank":
+            if intuition == "rank" and not greedy:
                 preds[sl] = logits.topk(k, dim=-1).indices[:, -1]
-            else:  # sample
+            elif intuition == "sample":
                 probs = torch.softmax(logits.to(logp.dtype) / temperature, dim=-1)
                 preds[sl] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            if with_logp:
-                for r in _row_blocks(sl.stop - sl.start, logits.shape[-1]):  # a widened block stays in cache
-                    at = slice(sl.start + r.start, sl.start + r.stop)
-                    block = logits[r].to(logp.dtype)
+            if not (greedy or with_logp):
+                continue
+            # A block widened once serves the argmax (CPU argmax over bf16 is several times slower
+            # than over float32; widening is exact, so the first maximum is the same) and the metric.
+            for r in _row_blocks(sl.stop - sl.start, logits.shape[-1]):
+                at = slice(sl.start + r.start, sl.start + r.stop)
+                block = logits[r].to(logp.dtype)
+                if greedy:
+                    preds[at] = block.argmax(-1)
+                if with_logp:
                     logp[at] = block.gather(-1, tgt[at, None]).squeeze(-1) - torch.logsumexp(block, dim=-1)
         return preds, logp
 
