@@ -201,9 +201,14 @@ def _linear_into(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: 
     return torch.addmm(b, h, w.T, out=out) if b is not None else torch.mm(h, w.T, out=out)
 
 
+def _block_rows(n: int, vocab: int) -> int:
+    """Rows (at most `n`) whose logits fill about `_BLOCK_ELEMENTS`: the elementwise work on a block stays in cache."""
+    return min(n, max(1, _BLOCK_ELEMENTS // max(1, vocab)))
+
+
 def _row_blocks(n: int, vocab: int):
-    """Slices of rows whose logits fill about `_BLOCK_ELEMENTS`: the elementwise work on a block stays in cache."""
-    return _chunks(n, max(1, _BLOCK_ELEMENTS // max(1, vocab)))
+    """Slices of `n` rows, `_block_rows` at a time."""
+    return _chunks(n, max(1, _block_rows(n, vocab)))
 
 
 def _widened(raw: torch.Tensor, scale: float, buffer: torch.Tensor) -> torch.Tensor:
@@ -215,9 +220,9 @@ def _widened(raw: torch.Tensor, scale: float, buffer: torch.Tensor) -> torch.Ten
 def _add_widened(total: torch.Tensor, part: torch.Tensor) -> None:
     """`total += part` for a narrower `part`, a block of rows at a time: the widened copy that the
     mixed-dtype add would make of all of `part` is one block, reused."""
-    block = None
-    for sl in _row_blocks(part.shape[0], part[0].numel()):
-        block = part.new_empty(sl.stop - sl.start, *part.shape[1:], dtype=total.dtype) if block is None else block
+    n, width = part.shape[0], part[0].numel()
+    block = part.new_empty(_block_rows(n, width), *part.shape[1:], dtype=total.dtype)
+    for sl in _row_blocks(n, width):
         total[sl] += block[: sl.stop - sl.start].copy_(part[sl])
 
 
@@ -240,7 +245,8 @@ class _LinearChunkLogProb(torch.autograd.Function):
         w, b = _cast(weight, dtype), _cast(bias, dtype)
         acc = _acc_dtype(w.dtype)
         out, lses = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
-        spare = wide = None  # a recomputed chunk's logits; a block of them widened
+        wide = w.new_empty(_block_rows(n, vocab), vocab, dtype=acc)  # a block of logits widened
+        spare = None  # a recomputed chunk's logits (none while every chunk is kept)
         keep = []
         for sl in _chunks(n, chunk or max(1, n)):
             h = _cast(hidden[sl], dtype)
@@ -250,13 +256,10 @@ class _LinearChunkLogProb(torch.autograd.Function):
             else:
                 spare = w.new_empty(sl.stop - sl.start, vocab) if spare is None else spare
                 raw = _linear_into(h, w, b, spare[: sl.stop - sl.start])
+            as_is = raw.dtype == acc and scale == 1.0  # only read here
             for r in _row_blocks(raw.shape[0], vocab):
                 at = slice(sl.start + r.start, sl.start + r.stop)
-                if raw.dtype == acc and scale == 1.0:
-                    logits = raw[r]  # only read here
-                else:
-                    wide = raw.new_empty(r.stop - r.start, vocab, dtype=acc) if wide is None else wide
-                    logits = _widened(raw[r], scale, wide)
+                logits = raw[r] if as_is else _widened(raw[r], scale, wide)
                 lses[at] = torch.logsumexp(logits, dim=-1)
                 out[at] = logits.gather(-1, targets[at, None]).squeeze(-1) - lses[at]
         ctx.save_for_backward(hidden, weight, bias, targets, lses, *keep)
@@ -272,24 +275,25 @@ class _LinearChunkLogProb(torch.autograd.Function):
         acc = _acc_dtype(w.dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = grad_bias = None
-        spare = wide = product = None  # recomputed logits, then dz; a widened block; a half-precision dz.T @ h
+        rows = min(n, ctx.chunk or n)
+        spare = w.new_empty(rows, vocab)  # a chunk's recomputed logits, then its dz
+        wide = w.new_empty(_block_rows(rows, vocab), vocab, dtype=acc)  # a block of logits widened
+        product = None  # a half-precision dz.T @ h
         for i, sl in enumerate(_chunks(n, ctx.chunk or max(1, n))):
             h = _cast(hidden[sl], ctx.dtype)
-            spare = w.new_empty(sl.stop - sl.start, vocab) if spare is None else spare
             dz = spare[: sl.stop - sl.start]
             raw = keep[i] if i < len(keep) else _linear_into(h, w, b, dz)
+            in_place = raw is dz and raw.dtype == acc  # our own float32 buffer; a kept tensor stays intact
             for r in _row_blocks(raw.shape[0], vocab):
                 at = slice(sl.start + r.start, sl.start + r.stop)
-                if raw is dz and raw.dtype == acc:  # our own buffer: worked on in place
-                    logits = raw[r].mul_(scale) if scale != 1.0 else raw[r]
-                else:  # a kept tensor stays intact
-                    wide = raw.new_empty(r.stop - r.start, vocab, dtype=acc) if wide is None else wide
-                    logits = _widened(raw[r], scale, wide)
+                logits = raw[r] if in_place else _widened(raw[r], 1.0, wide)
+                if scale != 1.0:
+                    logits.mul_(scale)
                 dlogits = logits.sub_(lses[at, None]).exp_().mul_(-grad[at, None])
                 dlogits.scatter_add_(-1, targets[at, None], grad[at, None].to(dlogits.dtype))
                 if scale != 1.0:
                     dlogits.mul_(scale)
-                if dlogits.data_ptr() != dz[r].data_ptr():
+                if not in_place:
                     dz[r] = dlogits  # rows of raw already read when raw is dz
             if need_h:
                 grad_hidden[sl] = dz @ w
