@@ -550,3 +550,20 @@ def test_matrix_rows_table_and_a_failed_row(tmp_path, capsys, monkeypatch):
     assert failed["error"] == "RuntimeError: no preference row in this test"
     printed = capsys.readouterr().out
     assert "| tiny | 2 | bf16 |" in printed and "failed: RuntimeError" in printed
+
+
+def test_matrix_defaults_reach_the_run_and_its_json(monkeypatch, capsys):
+    from iftune.benchmarks import matrix
+
+    seen = {}
+
+    def run_matrix(rows, path, *, warmup, steps, seed=0):
+        seen.update(warmup=warmup, steps=steps, rows=rows)
+        return {"commit": "x", "warmup_steps": warmup, "timed_steps": steps, "rows": []}
+
+    monkeypatch.setattr(matrix, "run_matrix", run_matrix)
+    assert main(["--matrix", "--preset", "tiny", "--batch", "2"]) == 0
+    assert (seen["warmup"], seen["steps"]) == (matrix.WARMUP, matrix.STEPS) and matrix.WARMUP >= 3
+    assert f"{matrix.WARMUP} warm-up + {matrix.STEPS} timed steps" in capsys.readouterr().out
+    assert main(["--matrix", "--preset", "tiny", "--batch", "2", "--warmup", "0", "--steps", "1"]) == 0
+    assert (seen["warmup"], seen["steps"]) == (0, 1)  # an explicit value is kept, 0 included

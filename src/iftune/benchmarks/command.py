@@ -140,7 +140,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the docs' main table: qwen2.5-0.5b and llama-3.2-1b at batch 1 and 4 in fp32 and bf16 (IFT, same-path "
         "SFT, full-logits IFT at qwen), then DPO and ORPO at qwen; --preset, --batch, --precision narrow it; "
-        "--steps (default 5), --warmup (1); JSON: --json or DIR/bench-matrix.json",
+        "--steps (default 5), --warmup (3); JSON: --json or DIR/bench-matrix.json",
     )
     p.add_argument(
         "--gpu-check",
@@ -264,8 +264,8 @@ def matrix(ns: argparse.Namespace) -> int:
         result = mx.run_matrix(
             mx.plan(presets, batches, precisions),
             path,
-            warmup=1 if ns.warmup is None else ns.warmup,
-            steps=ns.steps or 5,
+            warmup=mx.WARMUP if ns.warmup is None else ns.warmup,
+            steps=ns.steps or mx.STEPS,
             seed=ns.seed,
         )
     print(mx.format_matrix(result))

@@ -28,6 +28,11 @@ PRECISIONS = ("fp32", "bf16")
 # The methods of a row: full-logits IFT where its (B, T, V) logits fit this machine's memory.
 WITH_NAIVE = {"qwen2.5-0.5b": ("sft", "ift", "naive_ift"), "llama-3.2-1b": ("sft", "ift")}
 PREFERENCE = ("ift", "dpo", "orpo")
+# Untimed steps per method before the timed ones. On a 2-core VM the first steps of a run's first
+# row kept getting faster for about four steps (SFT at qwen batch 1, bf16: 4.15, 3.60, 3.03, 2.62,
+# then 2.36-2.53 s), so one warm-up step left the ratio of that row to noise.
+WARMUP = 3
+STEPS = 5
 COLUMNS = (
     ("IFT s/step", "ift", "step_s", ".2f"),
     ("SFT s/step", "sft", "step_s", ".2f"),
