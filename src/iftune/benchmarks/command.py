@@ -16,6 +16,8 @@ import os
 import warnings
 from typing import Any
 
+from iftune.benchmarks import gpu_check as gpu
+from iftune.benchmarks import matrix as mx
 from iftune.benchmarks.run import run_bench
 from iftune.benchmarks.setup import INT_SIZES, METHODS, PRECISIONS, PRESETS, QUICK, Options, Sizes, with_sizes
 from iftune.console import silence_libraries
@@ -140,14 +142,14 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the docs' main table: qwen2.5-0.5b and llama-3.2-1b at batch 1 and 4 in fp32 and bf16 (IFT, same-path "
         "SFT, full-logits IFT at qwen), then DPO and ORPO at qwen; --preset, --batch, --precision narrow it; "
-        "--steps (default 5), --warmup (3); JSON: --json or DIR/bench-matrix.json",
+        f"--steps (default {mx.STEPS}), --warmup ({mx.WARMUP}); JSON: --json or DIR/bench-matrix.json",
     )
     p.add_argument(
         "--gpu-check",
         action="store_true",
         help="on one CUDA device, in minutes: the qwen2.5-0.5b and llama-3.2-1b shapes at full depth, bf16, "
         "IFT against same-path SFT, TRL's SFTTrainer and TRL's LM head (JSON: --json, default gpu-check.json); "
-        "--batch (default 4), --warmup (5), --steps (20) apply",
+        f"--batch (default {gpu.BATCH}), --warmup ({gpu.WARMUP}), --steps ({gpu.STEPS}) apply",
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="draw the sweep (time and memory against length) to FILE (PNG)")
@@ -221,8 +223,6 @@ def gpu_check(ns: argparse.Namespace) -> int:
     """`--gpu-check`: one line without a CUDA device; else the check's table, 1 if a group failed."""
     import torch
 
-    from iftune.benchmarks.gpu_check import format_gpu_check, run_gpu_check
-
     if not torch.cuda.is_available():
         raise UserError("--gpu-check: no CUDA device is available (it measures on one GPU)")
     for name, least in (("warmup", 0), ("steps", 1), ("batch", 1)):
@@ -236,16 +236,14 @@ def gpu_check(ns: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         silence_libraries()
         given = {k: getattr(ns, k) for k in ("warmup", "steps", "batch") if getattr(ns, k) is not None}
-        result = run_gpu_check(torch.cuda, path, **given)
-    print(format_gpu_check(result))
+        result = gpu.run_gpu_check(torch.cuda, path, **given)
+    print(gpu.format_gpu_check(result))
     print(f"gpu-check: written to {path}")
     return 1 if any("error" in g for g in result["groups"]) else 0
 
 
 def matrix(ns: argparse.Namespace) -> int:
     """`--matrix`: every row in one command; the Markdown table; 1 if a row failed."""
-    from iftune.benchmarks import matrix as mx
-
     for name in ("steps", "batch"):
         if getattr(ns, name) is not None and getattr(ns, name) < 1:
             raise UserError(f"--{name}={getattr(ns, name)} is not valid; expected an integer >= 1")
